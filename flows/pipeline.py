@@ -1,0 +1,53 @@
+"""The `train` flow: scan → bucket → train → evaluate, one MLflow parent run with a child per stage."""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from opensora_core import tracking
+from opensora_core.config import load_config
+from tasks.stages import build_buckets, evaluate_checkpoint, scan_media, train_model
+
+DEFAULT_CONFIG = "configs/opensora-v1-2/train/stage1.py"
+
+
+@flow(name="train", log_prints=True)
+def train_pipeline(
+    config: str = DEFAULT_CONFIG,
+    data_path: str | None = None,
+    cfg_options: list[str] | None = None,
+) -> dict:
+    """Run the whole pipeline on `config` (paths relative to the repository root)."""
+    logger = get_run_logger()
+    overrides = {"data_path": data_path} if data_path else {}
+    cfg = load_config(config, overrides, cfg_options=cfg_options, mode="train")  # fail fast on a bad config
+    parent = None
+    if tracking.tracking_enabled():
+        parent = tracking.start_run(
+            f"pipeline-{flow_run.get_name() or 'local'}",
+            tags={"stage": "pipeline", "prefect_flow_run_id": str(flow_run.get_id()), "config": config},
+        )
+        tracking.log_config(parent, cfg.raw.to_dict(), config)
+        logger.info("MLflow run: %s", tracking.run_url(parent) or parent)
+    try:
+        meta = scan_media(config, overrides, cfg_options, parent)
+        snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
+        trained = train_model(config, overrides, cfg_options, snapshot, parent)
+        samples = evaluate_checkpoint(config, overrides, cfg_options, trained["checkpoint"], parent)
+    except BaseException:
+        if parent:
+            tracking.end_run(parent, "FAILED")
+        raise
+    if parent:
+        tracking.set_tags(parent, {"checkpoint": trained["checkpoint"]})
+        tracking.end_run(parent)
+    summary = {**trained, "metadata": meta, "snapshot": snapshot, "samples": samples, "mlflow_run_id": parent}
+    logger.info("pipeline done: %s", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    train_pipeline(config=os.environ.get("OPENSORA_CONFIG", DEFAULT_CONFIG))

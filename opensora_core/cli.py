@@ -1,0 +1,195 @@
+"""`opensora` command line: config | scan | bucket | train | evaluate | sample | models | demo-data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from opensora_core.config.args import add_common_args, add_sample_args, add_train_args
+from opensora_core.errors import OpenSoraError
+
+CONFIG_ONLY = ("command", "func", "config_command", "mode")
+
+
+def _config_args(ns: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The argparse values that are config overrides (everything but our own plumbing)."""
+    return {k: v for k, v in vars(ns).items() if k not in CONFIG_ONLY + extra}
+
+
+def cmd_config_show(ns: argparse.Namespace) -> int:
+    from opensora_core.config import load_config
+
+    mode = ns.mode
+    overrides = _config_args(ns)
+    cfg = load_config(ns.config, overrides, mode=mode)
+    print(f"# {ns.config} ({cfg.mode} config, validated)")
+    print(cfg.raw.pretty_text)
+    return 0
+
+
+def cmd_scan(ns: argparse.Namespace) -> int:
+    from opensora_core.data.scan import scan
+
+    result = scan(Path(ns.input), Path(ns.output), workers=ns.workers, progress=not ns.quiet)
+    return 0 if result.n_ok else 1
+
+
+def cmd_bucket(ns: argparse.Namespace) -> int:
+    from opensora_core.config import load_config
+    from opensora_core.data.snapshot import format_report, open_snapshot
+    from opensora_core.stages import build_buckets
+
+    if ns.report:
+        snap = open_snapshot(ns.output)
+        print(format_report(snap.manifest))
+        return 0
+    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    info = build_buckets(cfg, Path(ns.meta), Path(ns.output), seed=ns.seed, epoch=ns.epoch)
+    print(info.path)
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from opensora_core.config import load_config
+    from opensora_core.stages import run_training
+
+    overrides = _config_args(ns, extra=("snapshot", "num_train_workers", "ray_address"))
+    cfg = load_config(ns.config, overrides, mode="train")
+    result = run_training(
+        cfg,
+        snapshot=ns.snapshot,
+        num_workers=ns.num_train_workers,
+        ray_address=ns.ray_address,
+    )
+    print(json.dumps({"checkpoint": result.checkpoint, "global_step": result.global_step, "loss": result.final_loss}))
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from opensora_core.config import load_config
+    from opensora_core.sample.evaluate import evaluate_checkpoint
+
+    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    out = ns.output or str(Path(ns.checkpoint).parent / "eval")
+    result = evaluate_checkpoint(cfg, ns.checkpoint, out, mlflow_run_id=ns.mlflow_run_id)
+    for path in result.samples:
+        print(path)
+    return 0
+
+
+def cmd_sample(ns: argparse.Namespace) -> int:
+    from opensora_core.config import load_config
+    from opensora_core.sample.inference import run_inference
+
+    cfg = load_config(ns.config, _config_args(ns), mode="sample")
+    for path in run_inference(cfg):
+        print(path)
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from opensora_core.models.registry import MODEL_TYPES, count_parameters
+
+    width = max(len(name) for name in MODEL_TYPES)
+    for name in MODEL_TYPES:
+        try:
+            count = f"{count_parameters(name):,}"
+        except OpenSoraError:
+            count = "(not available in this build yet)"
+        print(f"{name:<{width}}  {count}")
+    return 0
+
+
+def cmd_demo_data(ns: argparse.Namespace) -> int:
+    from opensora_core.data.demo_data import make_demo_data
+    from opensora_core.models.pretrained import create_tiny_pretrained
+
+    out = Path(ns.dir)
+    demo = make_demo_data(out, seed=ns.seed)
+    weights = create_tiny_pretrained(out / "pretrained", seed=ns.seed)
+    print(f"demo media: {out} ({demo})")
+    print(f"tiny random-weight text encoder and VAE (their outputs are noise): {weights}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opensora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved, validated config")
+    add_common_args(show)
+    add_train_args(show)
+    add_sample_args(show)
+    show.add_argument("--mode", choices=("train", "sample"), help="default: train if the config has a dataset")
+    show.set_defaults(func=cmd_config_show)
+
+    scan = sub.add_parser("scan", help="probe media headers into a metadata table")
+    scan.add_argument("input", help="folder of media (+ .txt captions) or an Open-Sora CSV with path,text")
+    scan.add_argument("--output", required=True, help="metadata .parquet to write")
+    scan.add_argument("--workers", type=int, help="probe processes (default: all cores)")
+    scan.add_argument("--quiet", action="store_true", help="no progress bar")
+    scan.set_defaults(func=cmd_scan)
+
+    bucket = sub.add_parser("bucket", help="build a bucket snapshot (Ray Data) or print its report")
+    bucket.add_argument("config", nargs="?", help="training config with bucket_config")
+    bucket.add_argument("--meta", help="metadata .parquet from `opensora scan`")
+    bucket.add_argument("--output", required=True, help="snapshot root (ROOT/CURRENT names the newest)")
+    bucket.add_argument("--seed", type=int)
+    bucket.add_argument("--epoch", type=int, default=0)
+    bucket.add_argument("--report", action="store_true", help="print the current snapshot's bucket table")
+    bucket.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    bucket.set_defaults(func=cmd_bucket)
+
+    train = sub.add_parser("train", help="train on Ray Train + DeepSpeed")
+    add_common_args(train)
+    add_train_args(train)
+    train.add_argument("--snapshot", help="bucket snapshot to train on (default: scan + bucket dataset.data_path)")
+    train.add_argument("--num-train-workers", type=int, help="Ray Train workers (config: num_train_workers)")
+    train.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="sample the eval prompts from a checkpoint")
+    evaluate.add_argument("config")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (epochE-global_stepG)")
+    evaluate.add_argument("--output", help="where samples go (default: beside the checkpoint)")
+    evaluate.add_argument("--mlflow-run-id", help="log the samples to this MLflow run")
+    evaluate.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    sample = sub.add_parser("sample", help="generate videos or images from prompts")
+    add_common_args(sample)
+    add_sample_args(sample)
+    sample.set_defaults(func=cmd_sample)
+
+    models = sub.add_parser("models", help="list model types with their parameter counts")
+    models.set_defaults(func=cmd_models)
+
+    demo = sub.add_parser("demo-data", help="write synthetic captioned media and tiny random weights")
+    demo.add_argument("dir")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("OPENSORA_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except OpenSoraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Typed views of a loaded config, and the checks that turn bad values into one-line errors.
+
+The raw MMEngine `Config` stays the source of truth (stages pass component dicts such as
+`cfg.model` to their builders); these dataclasses validate it and give the stages typed access.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mmengine.config import Config, ConfigDict
+
+from opensora_core.errors import ConfigError
+
+DTYPES = ("fp32", "fp16", "bf16")
+DATASET_TYPES = ("VariableVideoTextDataset", "VideoTextDataset")
+Mode = Literal["train", "sample"]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One `dict(type=..., **options)` section: model, vae, text_encoder, scheduler or dataset."""
+
+    key: str
+    type: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def from_pretrained(self) -> str | None:
+        return self.options.get("from_pretrained")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.options}
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The top-level training knobs of an Open-Sora training config."""
+
+    seed: int
+    outputs: str
+    epochs: int
+    max_steps: int | None
+    log_every: int
+    ckpt_every: int
+    batch_size: int | None
+    lr: float
+    grad_clip: float
+    ema_decay: float
+    adam_eps: float
+    weight_decay: float
+    warmup_steps: int | None
+    dtype: str
+    plugin: str
+    sp_size: int
+    grad_checkpoint: bool
+    num_workers: int
+    num_bucket_build_workers: int
+    num_train_workers: int
+    wandb: bool
+    load: str | None
+    start_from_scratch: bool
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The top-level knobs of an Open-Sora inference config."""
+
+    seed: int
+    batch_size: int
+    dtype: str
+    save_dir: str
+    num_frames: int | None
+    fps: int
+    frame_interval: int
+    save_fps: int | None
+    image_size: tuple[int, int] | None
+    resolution: str | None
+    aspect_ratio: str | None
+
+
+@dataclass(frozen=True)
+class ValidatedConfig:
+    """A config that passed every check, with typed sections; `raw` is the MMEngine Config."""
+
+    path: str
+    mode: Mode
+    raw: Config
+    model: ComponentSpec
+    vae: ComponentSpec | None
+    text_encoder: ComponentSpec | None
+    scheduler: ComponentSpec
+    dataset: ComponentSpec | None = None
+    bucket_config: Any = None  # opensora_core.data.bucket.BucketConfig
+    training: TrainingSettings | None = None
+    sampling: SamplingSettings | None = None
+
+
+def detect_mode(cfg: Config) -> Mode:
+    """Training configs carry a dataset; inference configs do not."""
+    return "train" if cfg.get("dataset") is not None or cfg.get("bucket_config") is not None else "sample"
+
+
+def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<config>") -> ValidatedConfig:
+    """Check every key a stage will use; raise ConfigError naming the first bad key."""
+    from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES
+    from opensora_core.schedulers import SCHEDULER_TYPES
+
+    mode = mode or detect_mode(cfg)
+    model = _component(cfg, "model", MODEL_TYPES, required=True)
+    vae = _component(cfg, "vae", VAE_TYPES, required=False)
+    text_encoder = _component(cfg, "text_encoder", TEXT_ENCODER_TYPES, required=False)
+    scheduler = _component(cfg, "scheduler", SCHEDULER_TYPES, required=True)
+    dtype = _choice(cfg, "dtype", DTYPES, default="bf16")
+
+    if mode == "train":
+        dataset = _component(cfg, "dataset", DATASET_TYPES, required=True)
+        bucket_config = _bucket_config(cfg, dataset)
+        _mask_ratios(cfg)
+        training = _training_settings(cfg, dtype)
+        return ValidatedConfig(
+            path, mode, cfg, model, vae, text_encoder, scheduler, dataset, bucket_config, training=training
+        )
+    sampling = _sampling_settings(cfg, dtype)
+    return ValidatedConfig(path, mode, cfg, model, vae, text_encoder, scheduler, sampling=sampling)
+
+
+def _component(cfg: Config, key: str, valid: tuple[str, ...], *, required: bool) -> ComponentSpec | None:
+    section = cfg.get(key)
+    if section is None:
+        if required:
+            raise ConfigError(f"{key}: missing; expected {key} = dict(type=..., ...) with type one of {_fmt(valid)}")
+        return None
+    if not isinstance(section, (dict, ConfigDict)):
+        raise ConfigError(f"{key}: expected a dict(type=..., ...), got {type(section).__name__}")
+    options = dict(section)
+    type_name = options.pop("type", None)
+    if type_name is None:
+        raise ConfigError(f"{key}.type: missing; valid types: {_fmt(valid)}")
+    if type_name not in valid:
+        raise ConfigError(f"{key}.type={type_name!r} is unknown; valid types: {_fmt(valid)}")
+    return ComponentSpec(key, type_name, options)
+
+
+def _bucket_config(cfg: Config, dataset: ComponentSpec) -> Any:
+    from opensora_core.data.bucket import BucketConfig
+
+    raw = cfg.get("bucket_config")
+    if dataset.type == "VariableVideoTextDataset":
+        if raw is None:
+            raise ConfigError(
+                "bucket_config: missing; VariableVideoTextDataset needs e.g. "
+                'bucket_config = {"240p": {16: (1.0, 8)}}'
+            )
+        return BucketConfig.from_dict(_plain(raw))
+    for key in ("num_frames", "image_size"):
+        if dataset.options.get(key) in (None, (None, None), [None, None]):
+            raise ConfigError(f"dataset.{key}: required for VideoTextDataset (fixed-size clips)")
+    return BucketConfig.from_dict(_plain(raw)) if raw is not None else None
+
+
+def _mask_ratios(cfg: Config) -> None:
+    ratios = cfg.get("mask_ratios")
+    if ratios is None:
+        return
+    from opensora_core.train.mask import MaskGenerator
+
+    MaskGenerator(_plain(ratios))  # raises ConfigError naming the bad mask_ratios key
+
+
+def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
+    from opensora_core.parallel.deepspeed_config import PLUGINS
+
+    num_train_workers = _int(cfg, "num_train_workers", 2, minimum=1)
+    sp_size = _int(cfg, "sp_size", 1, minimum=1)
+    if num_train_workers % sp_size:
+        raise ConfigError(
+            f"sp_size={sp_size} must divide num_train_workers={num_train_workers}; "
+            f"valid sp_size values: {[d for d in range(1, num_train_workers + 1) if num_train_workers % d == 0]}"
+        )
+    return TrainingSettings(
+        seed=_int(cfg, "seed", 1024),
+        outputs=str(cfg.get("outputs", "outputs")),
+        epochs=_int(cfg, "epochs", 1000, minimum=1),
+        max_steps=_int(cfg, "max_steps", None, minimum=1),
+        log_every=_int(cfg, "log_every", 10, minimum=1),
+        ckpt_every=_int(cfg, "ckpt_every", 0, minimum=0),
+        batch_size=_int(cfg, "batch_size", None, minimum=1),
+        lr=_float(cfg, "lr", 1e-4, low=0.0, low_open=True),
+        grad_clip=_float(cfg, "grad_clip", 0.0, low=0.0),
+        ema_decay=_float(cfg, "ema_decay", 0.9999, low=0.0, high=1.0),
+        adam_eps=_float(cfg, "adam_eps", 1e-8, low=0.0, low_open=True),
+        weight_decay=_float(cfg, "weight_decay", 0.0, low=0.0),
+        warmup_steps=_int(cfg, "warmup_steps", None, minimum=0),
+        dtype=dtype,
+        plugin=_choice(cfg, "plugin", tuple(PLUGINS), default="zero2"),
+        sp_size=sp_size,
+        grad_checkpoint=bool(cfg.get("grad_checkpoint", False)),
+        num_workers=_int(cfg, "num_workers", 4, minimum=0),
+        num_bucket_build_workers=_int(cfg, "num_bucket_build_workers", 1, minimum=1),
+        num_train_workers=num_train_workers,
+        wandb=bool(cfg.get("wandb", False)),
+        load=cfg.get("load"),
+        start_from_scratch=bool(cfg.get("start_from_scratch", False)),
+    )
+
+
+def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:
+    from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_num_frames
+
+    image_size = cfg.get("image_size")
+    if image_size is not None:
+        if len(image_size) != 2 or any(not isinstance(v, int) or v < 16 for v in image_size):
+            raise ConfigError(f"image_size={tuple(image_size)!r}: expected (height, width), two integers >= 16")
+        image_size = (int(image_size[0]), int(image_size[1]))
+    resolution = cfg.get("resolution")
+    aspect_ratio = cfg.get("aspect_ratio")
+    if image_size is None:
+        if resolution is None or aspect_ratio is None:
+            raise ConfigError("image_size: missing; set image_size = (H, W) or both resolution and aspect_ratio")
+        if resolution not in RESOLUTIONS:
+            raise ConfigError(f"resolution={resolution!r} is unknown; valid: {_fmt(RESOLUTIONS)}")
+        if aspect_ratio not in ASPECT_RATIO_MAP:
+            raise ConfigError(f"aspect_ratio={aspect_ratio!r} is unknown; valid: {_fmt(tuple(ASPECT_RATIO_MAP))}")
+    num_frames = cfg.get("num_frames")
+    if num_frames is not None:
+        num_frames = get_num_frames(num_frames)
+        if num_frames < 1:
+            raise ConfigError(f"num_frames={cfg.get('num_frames')!r}: must be >= 1 (1 means an image)")
+    return SamplingSettings(
+        seed=_int(cfg, "seed", 1024),
+        batch_size=_int(cfg, "batch_size", 1, minimum=1),
+        dtype=dtype,
+        save_dir=str(cfg.get("save_dir", "./samples/samples/")),
+        num_frames=num_frames,
+        fps=_int(cfg, "fps", 24, minimum=1),
+        frame_interval=_int(cfg, "frame_interval", 1, minimum=1),
+        save_fps=_int(cfg, "save_fps", None, minimum=1),
+        image_size=image_size,
+        resolution=resolution,
+        aspect_ratio=aspect_ratio,
+    )
+
+
+def _choice(cfg: Config, key: str, valid: tuple[str, ...], *, default: str) -> str:
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is unknown; valid values: {_fmt(valid)}")
+    return value
+
+
+def _int(cfg: Config, key: str, default: int | None, *, minimum: int | None = None) -> int | None:
+    value = cfg.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value}: must be >= {minimum}")
+    return value
+
+
+def _float(
+    cfg: Config, key: str, default: float, *, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{key}={value}: must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}={value}: must be <= {high}")
+    return float(value)
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict -> dict recursively (keeps tuples and int keys as written)."""
+    if isinstance(value, (dict, ConfigDict)):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _fmt(names: tuple[str, ...] | list[str]) -> str:
+    return ", ".join(names)
+
+
+def resolve_path(value: str | None, *, base: Path | None = None) -> Path | None:
+    """Config paths are relative to the working directory, as in Open-Sora."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base or Path.cwd()) / path

@@ -1,0 +1,242 @@
+"""The config's `type` strings -> models, VAEs and text encoders, plus loading `from_pretrained` weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from opensora_core.errors import CheckpointError, ConfigError
+from opensora_core.models.stdit3 import STDIT3_MODELS
+
+log = logging.getLogger(__name__)
+
+# Every name an Open-Sora config may use; only some are built here so far.
+MODEL_TYPES: tuple[str, ...] = (
+    "STDiT-XL/2",
+    "STDiT2-XL/2",
+    "STDiT3-XL/2",
+    "STDiT3-3B/2",
+    "DiT-XL/2",
+    "DiT-XL/2x2",
+    "Latte-XL/2",
+    "PixArt-XL/2",
+)
+VAE_TYPES: tuple[str, ...] = (
+    "VideoAutoencoderKL",
+    "OpenSoraVAE_V1_2",
+    "VAE_Temporal_SD",
+    "VideoAutoencoderPipeline",
+)
+TEXT_ENCODER_TYPES: tuple[str, ...] = ("t5", "clip")
+
+MODELS = {**STDIT3_MODELS}
+AVAILABLE_VAE_TYPES: tuple[str, ...] = ("VideoAutoencoderKL",)
+AVAILABLE_TEXT_ENCODER_TYPES: tuple[str, ...] = ("t5",)
+
+# Keys Open-Sora configs carry that do not change how our models are built.
+IGNORED_MODEL_KEYS = frozenset(
+    {"local_files_only", "cache_dir", "force_huggingface", "shardformer", "micro_frame_size", "dtype"}
+)
+MODEL_OPTIONS = frozenset(
+    {
+        "input_size",
+        "input_sq_size",
+        "patch_size",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "class_dropout_prob",
+        "pred_sigma",
+        "drop_path",
+        "qk_norm",
+        "qk_norm_legacy",
+        "enable_flash_attn",
+        "enable_layernorm_kernel",
+        "enable_sequence_parallelism",
+        "only_train_temporal",
+        "freeze_y_embedder",
+        "skip_y_embedder",
+        "grad_checkpoint",
+    }
+)
+# Set by the pipeline from the VAE / text encoder; a config may repeat them only with the same value.
+DERIVED_MODEL_OPTIONS = ("in_channels", "caption_channels", "model_max_length")
+
+WEIGHT_FILES = ("ema.safetensors", "model.safetensors", "model.safetensors.index.json", "ema.pt", "model.pt")
+
+
+def check_type(section: str, type_name: Any, valid: tuple[str, ...], available: tuple[str, ...]) -> str:
+    """Return `type_name` if it is built here; otherwise a ConfigError naming what would work."""
+    if type_name not in valid:
+        raise ConfigError(f"{section}.type={type_name!r} is not a known type; valid: {', '.join(valid)}")
+    if type_name not in available:
+        raise ConfigError(
+            f"{section}.type={type_name!r} is not available in this build yet; available: {', '.join(available)}"
+        )
+    return type_name
+
+
+def model_kwargs(
+    cfg: dict[str, Any], *, in_channels: int, caption_channels: int, model_max_length: int
+) -> dict:
+    """Constructor arguments from a config's `model` dict (type and from_pretrained excluded)."""
+    derived = {
+        "in_channels": in_channels,
+        "caption_channels": caption_channels,
+        "model_max_length": model_max_length,
+    }
+    kwargs: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if key in ("type", "from_pretrained") or key in IGNORED_MODEL_KEYS:
+            continue
+        if key in DERIVED_MODEL_OPTIONS:
+            if value is not None and value != derived[key]:
+                raise ConfigError(
+                    f"model.{key}={value!r} does not match the VAE / text encoder, which give {derived[key]}"
+                )
+            continue
+        if key not in MODEL_OPTIONS:
+            valid = sorted(
+                MODEL_OPTIONS | IGNORED_MODEL_KEYS | {"type", "from_pretrained", *DERIVED_MODEL_OPTIONS}
+            )
+            raise ConfigError(f"model.{key} is not a model option; valid: {', '.join(valid)}")
+        if key in ("input_size", "patch_size") and value is not None:
+            value = tuple(value)
+        kwargs[key] = value
+    return {**kwargs, **derived}
+
+
+def build_model(
+    cfg: dict[str, Any], *, in_channels: int, caption_channels: int, model_max_length: int
+) -> nn.Module:
+    """Build the diffusion model named by `cfg["type"]`; load `from_pretrained` strictly if given."""
+    type_name = check_type("model", cfg.get("type"), MODEL_TYPES, tuple(MODELS))
+    kwargs = model_kwargs(
+        cfg, in_channels=in_channels, caption_channels=caption_channels, model_max_length=model_max_length
+    )
+    model = MODELS[type_name](**kwargs)
+    if cfg.get("from_pretrained"):
+        load_model_weights(model, cfg["from_pretrained"], type_name=type_name)
+    return model
+
+
+def count_parameters(type_name: str) -> int:
+    """Parameter count of a preset with Open-Sora v1.2 settings (T5-XXL text, 4 latent channels), built on meta."""
+    check_type("model", type_name, MODEL_TYPES, tuple(MODELS))
+    with torch.device("meta"):
+        model = MODELS[type_name](in_channels=4, caption_channels=4096, model_max_length=300)
+    return sum(p.numel() for p in model.parameters())
+
+
+def weights_file(path: str | Path) -> Path:
+    """The weights file for `from_pretrained`: the file itself, or the first of WEIGHT_FILES in a directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for name in WEIGHT_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(
+            f"{p}: no weights file in this directory; expected one of {', '.join(WEIGHT_FILES)}"
+        )
+    raise CheckpointError(
+        f"{path}: no such file or directory (weights are never downloaded here: fetch them first, "
+        "e.g. `hf download <repo> --local-dir DIR`, and point from_pretrained at DIR)"
+    )
+
+
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, a sharded safetensors index, or a torch .pt/.pth/.bin state dict."""
+    from safetensors.torch import load_file
+
+    try:
+        if file.name.endswith(".safetensors.index.json"):
+            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_file(file.parent / shard))
+            return state
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: cannot read weights ({err})") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str) -> None:
+    """Load weights with strict=True; a checkpoint of another model type raises CheckpointError."""
+    file = weights_file(path)
+    state = read_state_dict(file)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
+        example = (missing or unexpected or wrong_shape)[0]
+        raise CheckpointError(
+            f"{file}: does not fit model.type={type_name!r}: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong_shape)} wrongly shaped keys (e.g. {example!r})"
+        )
+    model.load_state_dict(state, strict=True)
+    log.info("loaded %s weights from %s", type_name, file)
+
+
+def build_vae(cfg: dict[str, Any]) -> nn.Module:
+    """Build the VAE named by `cfg["type"]` from its local `from_pretrained` directory."""
+    from opensora_core.models.vae import VideoAutoencoderKL
+
+    check_type("vae", cfg.get("type"), VAE_TYPES, AVAILABLE_VAE_TYPES)
+    options = {k: v for k, v in cfg.items() if k != "type"}
+    options.pop("micro_frame_size", None)  # a v1.2 pipeline option; the KL VAE works frame by frame
+    valid = {
+        "from_pretrained",
+        "micro_batch_size",
+        "cache_dir",
+        "local_files_only",
+        "subfolder",
+        "scaling_factor",
+    }
+    for key in options:
+        if key not in valid:
+            raise ConfigError(
+                f"vae.{key} is not a VideoAutoencoderKL option; valid: {', '.join(sorted(valid))}"
+            )
+    if not options.get("from_pretrained"):
+        raise ConfigError("vae.from_pretrained is required: a local AutoencoderKL directory")
+    return VideoAutoencoderKL(**options)
+
+
+def build_text_encoder(
+    cfg: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+):
+    """Build the text encoder named by `cfg["type"]` (frozen, eval mode) on `device`."""
+    from opensora_core.models.text_encoder import T5Encoder
+
+    check_type("text_encoder", cfg.get("type"), TEXT_ENCODER_TYPES, AVAILABLE_TEXT_ENCODER_TYPES)
+    options = {k: v for k, v in cfg.items() if k != "type"}
+    valid = {
+        "from_pretrained",
+        "model_max_length",
+        "cache_dir",
+        "local_files_only",
+        "shardformer",
+        "subfolder",
+    }
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"text_encoder.{key} is not a t5 option; valid: {', '.join(sorted(valid))}")
+    if not options.get("from_pretrained"):
+        raise ConfigError("text_encoder.from_pretrained is required: a local T5 directory")
+    return T5Encoder(**options, device=device, dtype=dtype)

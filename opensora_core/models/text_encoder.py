@@ -1,0 +1,84 @@
+"""T5 text encoder: prompts -> padded caption features and mask, plus the model's null caption for CFG."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from opensora_core.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _log_shardformer_ignored() -> None:
+    log.info("text_encoder.shardformer=True is ignored here: T5 runs as a plain transformers model")
+
+
+class T5Encoder:
+    """Frozen transformers T5 encoder and its tokenizer, loaded with `from_pretrained` from a local directory.
+
+    Not an nn.Module on purpose: samplers attach the diffusion model's `y_embedder` to it (for `null`),
+    and that must not become a submodule of the text encoder.
+    """
+
+    def __init__(
+        self,
+        from_pretrained: str,
+        *,
+        model_max_length: int = 120,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        shardformer: bool = False,
+        subfolder: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if shardformer:
+            _log_shardformer_ignored()
+        kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only}
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(from_pretrained, **kwargs)
+            self.model: nn.Module = T5EncoderModel.from_pretrained(from_pretrained, **kwargs)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(
+                f"text_encoder.from_pretrained={from_pretrained}: cannot load a T5 encoder and tokenizer ({err})"
+            ) from err
+        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model_max_length = model_max_length
+        self.output_dim: int = self.model.config.d_model
+        self.y_embedder: nn.Module | None = None  # set to the diffusion model's y_embedder before `null`
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """{"y": [B, 1, L, D] features, "mask": [B, L] (1 = real token)} with L = model_max_length."""
+        tokens = self.tokenizer(
+            list(texts),
+            max_length=self.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_attention_mask=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device)
+        y = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return {"y": y[:, None], "mask": mask}
+
+    def null(self, n: int) -> Tensor:
+        """The learned null caption [n, 1, L, D] of the diffusion model (classifier-free guidance)."""
+        if self.y_embedder is None:
+            raise RuntimeError(
+                "set text_encoder.y_embedder = model.y_embedder before asking for null captions"
+            )
+        return self.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]

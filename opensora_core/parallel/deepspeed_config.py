@@ -1,0 +1,74 @@
+"""The DeepSpeed config dict for an Open-Sora `plugin` / `dtype` / `grad_clip` choice."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from opensora_core.errors import ConfigError
+
+# Open-Sora's ColossalAI plugin names -> the DeepSpeed ZeRO stage that does the same job.
+PLUGINS: dict[str, int] = {
+    "ddp": 0,
+    "zero1": 1,
+    "zero2": 2,
+    "zero2-seq": 2,  # ZeRO-2 over the data-parallel group plus Ulysses sequence parallelism
+}
+DTYPES = ("fp32", "fp16", "bf16")
+
+# DeepSpeed prints throughput every N steps; our loop logs to MLflow itself.
+_NEVER = 10**12
+
+
+def deepspeed_config(
+    plugin: str,
+    dtype: str,
+    grad_clip: float,
+    micro_batch_size: int,
+    grad_accum: int = 1,
+    *,
+    sp_size: int = 1,
+    on_gpu: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config for `deepspeed.initialize(config=...)`.
+
+    `micro_batch_size` is bookkeeping for DeepSpeed (buckets have their own batch sizes, the loop
+    feeds whatever the sampler yields). fp16 on a CPU falls back to fp32 with one warning.
+    """
+    if plugin not in PLUGINS:
+        raise ConfigError(f"plugin={plugin!r} is unknown; valid plugins: {', '.join(PLUGINS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is unknown; valid values: {', '.join(DTYPES)}")
+    if plugin == "zero2-seq" and sp_size < 2:
+        raise ConfigError(f"sp_size={sp_size}: plugin='zero2-seq' needs sp_size >= 2 (use plugin='zero2' for 1)")
+    if plugin != "zero2-seq" and sp_size != 1:
+        raise ConfigError(f"sp_size={sp_size}: sequence parallelism needs plugin='zero2-seq' (plugin is {plugin!r})")
+    if grad_clip < 0:
+        raise ConfigError(f"grad_clip={grad_clip}: must be >= 0 (0 turns clipping off)")
+    if micro_batch_size < 1 or grad_accum < 1:
+        raise ConfigError(f"micro_batch_size={micro_batch_size}, grad_accum={grad_accum}: both must be >= 1")
+
+    if dtype == "fp16" and not on_gpu:
+        warnings.warn(
+            "dtype='fp16': DeepSpeed's fp16 loss scaling needs a CUDA device; training in fp32 on the CPU "
+            "(set dtype='bf16' or 'fp32' to silence this)",
+            stacklevel=2,
+        )
+        dtype = "fp32"
+
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(grad_clip),
+        "zero_optimization": {"stage": PLUGINS[plugin]},
+        "bf16": {"enabled": dtype == "bf16"},
+        # initial scale 2**16 as Open-Sora's plugin; loss_scale 0 = dynamic scaling
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }
+    if PLUGINS[plugin] > 0:
+        config["zero_optimization"].update(contiguous_gradients=True, overlap_comm=on_gpu)
+    if plugin == "zero2-seq":
+        config["sequence_parallel_size"] = sp_size
+    return config

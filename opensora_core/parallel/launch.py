@@ -1,0 +1,74 @@
+"""Start a training function on Ray Train workers (gloo on CPU, NCCL on GPU) and wait for it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Environment the workers need from the caller: where MLflow lives, how Ray is reached.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def connect_ray(ray_address: str | None = None) -> None:
+    """Join the Ray cluster at `ray_address` (else RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, log_to_driver=True)
+    log.info("Ray: %s", "connected to " + address if address else "started a local instance")
+
+
+def cluster_has_gpus(num_workers: int) -> bool:
+    """Whether the connected Ray cluster offers a GPU for each of `num_workers` workers."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= num_workers
+
+
+def run_training(
+    train_loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    ray_address: str | None,
+    storage_path: str,
+    run_name: str,
+    max_failures: int = 0,
+    resume_from: str | None = None,
+) -> Any:
+    """Run `train_loop(loop_config)` on `num_workers` Ray Train workers; returns the `ray.train.Result`.
+
+    `resume_from` (a checkpoint directory) becomes the loop's `load` key. After a worker failure
+    Ray restarts the workers (up to `max_failures` times) and the loop resumes from the latest
+    reported checkpoint.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect_ray(ray_address)
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed probes for CUDA and may pick it on a mixed node
+    config = dict(loop_config)
+    if resume_from is not None:
+        config["load"] = resume_from
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,125 @@
+"""Checkpoint evaluation: sample the config's fixed prompts from one checkpoint and record them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opensora_core import tracking
+from opensora_core.config import ValidatedConfig
+from opensora_core.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = ["a red square drifts left over a blue gradient"]
+
+
+@dataclass
+class EvalResult:
+    checkpoint: str
+    global_step: int
+    samples: list[str] = field(default_factory=list)
+    sampling_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Fixed evaluation settings read from a training config's `eval_*` keys."""
+
+    prompts: list[str]
+    image_size: tuple[int, int]
+    num_frames: int
+    fps: int
+    seed: int
+
+    @classmethod
+    def from_config(cfg: type, config: ValidatedConfig) -> EvalSettings:
+        from opensora_core.data.aspect import get_image_size, get_num_frames
+
+        raw = config.raw
+        prompts = list(raw.get("eval_prompts") or DEFAULT_PROMPTS)
+        if not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError("eval_prompts: expected a list of non-empty strings")
+        if raw.get("eval_image_size") is not None:
+            image_size = tuple(int(v) for v in raw.eval_image_size)
+        else:
+            image_size = tuple(
+                get_image_size(raw.get("eval_resolution", "144p"), raw.get("eval_aspect_ratio", "9:16"))
+            )
+        return cfg(
+            prompts=prompts,
+            image_size=image_size,  # type: ignore[arg-type]
+            num_frames=get_num_frames(raw.get("eval_num_frames", 17)),
+            fps=int(raw.get("eval_fps", 24)),
+            seed=int(raw.get("eval_seed", 1024)),
+        )
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """global_step from running_states.json, else from the `epochE-global_stepG` directory name."""
+    states = checkpoint / "running_states.json"
+    if states.is_file():
+        return int(json.loads(states.read_text())["global_step"])
+    match = re.search(r"global_step(\d+)", checkpoint.name)
+    if match is None:
+        raise CheckpointError(f"{checkpoint}: not a checkpoint directory (no running_states.json)")
+    return int(match.group(1))
+
+
+def checkpoint_weights(checkpoint: Path) -> Path:
+    """EMA weights when the checkpoint has them (Open-Sora samples from EMA), else the model's."""
+    for name in ("ema.safetensors", "model.safetensors"):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    raise CheckpointError(f"{checkpoint}: no ema.safetensors or model.safetensors; is it a complete checkpoint?")
+
+
+def evaluate_checkpoint(
+    config: ValidatedConfig,
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    mlflow_run_id: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Sample every eval prompt from `checkpoint` into `output_dir/step_{G}/`, log them under step G."""
+    from opensora_core.sample.generate import build_components, generate
+    from opensora_core.sample.writer import save_sample
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: checkpoint directory does not exist")
+    step = checkpoint_step(checkpoint)
+    settings = EvalSettings.from_config(config)
+    parts = build_components(config, model_weights=str(checkpoint_weights(checkpoint)))
+    out_dir = Path(output_dir) / f"step_{step:06d}"
+    result = EvalResult(checkpoint=str(checkpoint), global_step=step)
+    start = time.perf_counter()
+    for index, prompt in enumerate(settings.prompts):
+        video = generate(
+            parts,
+            [prompt],
+            num_frames=settings.num_frames,
+            image_size=settings.image_size,
+            fps=settings.fps,
+            seed=settings.seed + index,
+            progress=progress,
+        )
+        path = save_sample(video[0], out_dir / f"sample_{index:04d}", fps=settings.fps)
+        result.samples.append(str(path))
+    result.sampling_seconds = time.perf_counter() - start
+    (out_dir / "prompts.json").write_text(json.dumps(settings.prompts, indent=2))
+    if mlflow_run_id:
+        for path in result.samples:
+            tracking.log_artifact(mlflow_run_id, path, artifact_path=f"eval/step_{step:06d}")
+        tracking.log_metrics(
+            mlflow_run_id,
+            {"eval/sampling_seconds": result.sampling_seconds, "eval/num_samples": len(result.samples)},
+            step=step,
+        )
+    log.info("evaluated %s: %d samples in %.1fs", checkpoint, len(result.samples), result.sampling_seconds)
+    return result

@@ -1,0 +1,110 @@
+"""The four pipeline stages as plain functions: the CLI and the Prefect tasks both call these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from opensora_core.config import ValidatedConfig
+from opensora_core.config.schema import resolve_path
+from opensora_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def metadata_path(cfg: ValidatedConfig) -> Path:
+    return Path(cfg.training.outputs) / "meta" / "meta.parquet"
+
+
+def snapshot_root(cfg: ValidatedConfig) -> Path:
+    return Path(cfg.training.outputs) / "buckets"
+
+
+def data_source(cfg: ValidatedConfig) -> Path:
+    """dataset.data_path as a path that exists (a media folder, a CSV, or a scanned .parquet)."""
+    raw = cfg.dataset.options.get("data_path") if cfg.dataset else None
+    if not raw:
+        raise ConfigError("dataset.data_path: not set; pass --data-path (a media folder, a path,text CSV or a .parquet)")
+    path = resolve_path(raw)
+    if not path.exists():
+        raise ConfigError(f"dataset.data_path={raw!r}: {path} does not exist")
+    return path
+
+
+def scan_stage(cfg: ValidatedConfig, *, output: Path | None = None, progress: bool = True) -> tuple[Path, Any]:
+    """Probe dataset.data_path into the metadata table: returns (metadata path, ScanResult).
+
+    A `.parquet` data_path is taken as an already scanned table (the ScanResult is then None).
+    """
+    from opensora_core.data.scan import scan
+
+    source = data_source(cfg)
+    if source.suffix == ".parquet":
+        log.info("dataset.data_path is a metadata table (%s): nothing to scan", source)
+        return source, None
+    output = output or metadata_path(cfg)
+    result = scan(source, output, workers=cfg.training.num_bucket_build_workers, progress=progress)
+    if result.n_ok == 0:
+        raise ConfigError(f"dataset.data_path={str(source)!r}: no readable media found (see {result.errors_path})")
+    return result.metadata_path, result
+
+
+def bucket_config_hash(cfg: ValidatedConfig) -> str:
+    """Hash of the keys that decide bucket assignment: a changed hash means a new snapshot."""
+    relevant = {
+        "bucket_config": repr(sorted((k, sorted(v.items())) for k, v in (cfg.raw.get("bucket_config") or {}).items())),
+        "frame_interval": _frame_interval(cfg),
+        "dataset.type": cfg.dataset.type,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _frame_interval(cfg: ValidatedConfig) -> int:
+    return int(cfg.dataset.options.get("frame_interval", 1) or 1)
+
+
+def build_buckets(
+    cfg: ValidatedConfig, meta: Path, root: Path | None = None, *, seed: int | None = None, epoch: int = 0
+) -> Any:
+    """Assign every sample of `meta` to its bucket with Ray Data; write a snapshot under `root`."""
+    from opensora_core.data.snapshot import build_snapshot
+
+    if cfg.bucket_config is None:
+        raise ConfigError("bucket_config: required to build bucket snapshots")
+    return build_snapshot(
+        meta,
+        root or snapshot_root(cfg),
+        cfg.bucket_config,
+        frame_interval=_frame_interval(cfg),
+        seed=cfg.training.seed if seed is None else seed,
+        epoch=epoch,
+        config_hash=bucket_config_hash(cfg),
+        num_workers=cfg.training.num_bucket_build_workers,
+    )
+
+
+def run_training(
+    cfg: ValidatedConfig,
+    *,
+    snapshot: str | Path | None = None,
+    mlflow_run_id: str | None = None,
+    num_workers: int | None = None,
+    ray_address: str | None = None,
+) -> Any:
+    """Train on a bucket snapshot (built from dataset.data_path first when none is given)."""
+    from opensora_core.train import train
+
+    if snapshot is None:
+        meta, _ = scan_stage(cfg)
+        snapshot = build_buckets(cfg, meta).path
+    return train(
+        cfg,
+        snapshot_dir=str(snapshot),
+        output_dir=cfg.training.outputs,
+        mlflow_run_id=mlflow_run_id,
+        num_workers=num_workers or cfg.training.num_train_workers,
+        ray_address=ray_address,
+    )

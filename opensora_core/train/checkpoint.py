@@ -1,0 +1,197 @@
+"""Training checkpoints: one directory per save, written under a temporary name and renamed whole.
+
+    {outputs}/epoch{E}-global_step{G}/
+        model.safetensors       consolidated fp32 weights, the model's own key names
+        ema.safetensors         fp32 EMA weights (what sampling uses)
+        ds/                     DeepSpeed state: ZeRO optimizer shards, LR scheduler, step counters
+        sampler.json            bucket sampler position
+        rng_state_rank{R}.pt    torch / numpy / python RNG states of each rank
+        running_states.json     epoch, step, global_step, batch_size, model_type, rng states file
+        config.py               the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from opensora_core.errors import CheckpointError
+
+RUNNING_STATES = "running_states.json"
+RNG_STATES = "rng_state_rank{rank}.pt"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class RunningStates:
+    """Where training stands: `step` optimizer steps done in `epoch`, `global_step` in total."""
+
+    epoch: int
+    step: int
+    global_step: int
+    batch_size: int | None
+    model_type: str
+    rng_states: str = RNG_STATES
+
+
+def checkpoint_name(epoch: int, global_step: int) -> str:
+    return f"epoch{epoch}-global_step{global_step}"
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a DeepSpeed engine's module, on the CPU.
+
+    ZeRO keeps the fp32 master weights partitioned across ranks (the module holds bf16 copies when
+    training in bf16), so every rank must call this: each parameter is gathered with a collective.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        full = safe_get_full_fp32_param(tensor) if isinstance(tensor, nn.Parameter) else None
+        value = (full if full is not None else tensor).detach()
+        if value.is_floating_point():
+            value = value.float()
+        state[name] = value.cpu().contiguous().clone()
+    return state
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    *,
+    engine: Any,
+    ema: nn.Module | None,
+    sampler_state: dict[str, Any],
+    states: RunningStates,
+    config_text: str,
+    rank: int,
+) -> Path:
+    """Write a checkpoint; every rank calls this. Returns the final directory.
+
+    The directory appears under its final name only once every file is in place, so a reader
+    (evaluation, a resumed run) never sees half a checkpoint.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / checkpoint_name(states.epoch, states.global_step)
+    tmp = output_dir / f"{TMP_PREFIX}{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a run that died while saving
+        tmp.mkdir(parents=True)
+    _barrier()
+
+    engine.save_checkpoint(str(tmp / "ds"), tag=f"global_step{states.global_step}")
+    torch.save(_rng_states(), tmp / states.rng_states.format(rank=rank))
+    weights = consolidated_state_dict(engine)  # collective: all ranks, rank 0 keeps the result
+
+    if rank == 0:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if ema is not None:
+            ema_state = {k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
+            save_file(ema_state, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+        (tmp / "sampler.json").write_text(json.dumps(sampler_state, indent=2) + "\n")
+        (tmp / "config.py").write_text(config_text)
+        # running_states.json last: its presence marks a complete checkpoint even before the rename
+        (tmp / RUNNING_STATES).write_text(json.dumps(asdict(states), indent=2) + "\n")
+    _barrier()  # every rank's shards and RNG states are on disk
+    if rank == 0:
+        if final.exists():  # an earlier run reached the same step; the newer state wins
+            stale = output_dir / f"{TMP_PREFIX}stale-{final.name}"
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def read_running_states(path: str | Path) -> RunningStates:
+    """running_states.json of a complete checkpoint, or CheckpointError naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if path.name.startswith(TMP_PREFIX):
+        raise CheckpointError(f"{path}: an unfinished checkpoint (a run died while saving it); use an earlier one")
+    states_file = path / RUNNING_STATES
+    if not states_file.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {RUNNING_STATES})")
+    try:
+        return RunningStates(**json.loads(states_file.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"{states_file}: unreadable running states: {err}") from None
+
+
+def load_checkpoint(
+    path: str | Path,
+    engine: Any,
+    ema: nn.Module | None,
+    sampler: Any | None,
+    *,
+    model_type: str | None = None,
+    rank: int = 0,
+) -> RunningStates:
+    """Restore model, optimizer, LR scheduler, EMA, sampler position and this rank's RNG states.
+
+    Every rank calls this. `model_type` (the config's model.type) must match the checkpoint's.
+    """
+    path = Path(path)
+    states = read_running_states(path)
+    if model_type is not None and states.model_type != model_type:
+        raise CheckpointError(
+            f"{path}: checkpoint of model {states.model_type!r}, but model.type is {model_type!r}; "
+            "load a checkpoint of the same model type (or set model.from_pretrained to start from weights)"
+        )
+    try:
+        load_path, _ = engine.load_checkpoint(str(path / "ds"))
+    except RuntimeError as err:  # shape mismatches: same type name, different sizes
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: weights do not fit the configured model: {first_line}") from None
+    if load_path is None:
+        raise CheckpointError(f"{path / 'ds'}: no DeepSpeed state found")
+    if ema is not None and (path / "ema.safetensors").is_file():
+        # non-strict as in Open-Sora: an EMA saved before a model change keeps what still fits
+        ema.load_state_dict(load_file(str(path / "ema.safetensors")), strict=False)
+    if sampler is not None and (path / "sampler.json").is_file():
+        sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
+    rng_file = path / states.rng_states.format(rank=rank)
+    if rng_file.is_file():
+        _set_rng_states(torch.load(rng_file, weights_only=False))
+    return states
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest global step under `output_dir`, if any."""
+    found = []
+    for child in Path(output_dir).glob("epoch*-global_step*"):
+        if (child / RUNNING_STATES).is_file():
+            found.append((read_running_states(child).global_step, child))
+    return max(found)[1] if found else None
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,420 @@
+"""The training loop each Ray Train worker runs: Open-Sora's train step on DeepSpeed, start to finish.
+
+`config` is the resolved Open-Sora config as a plain dict plus the run keys `output_dir`,
+`snapshot_dir`, `mlflow_run_id`, `config_text` and optionally `load`, `max_steps`,
+`grad_accum`, `synthetic_data` (random clips instead of a bucket snapshot: benchmarks, tests).
+
+Randomness: before each micro-batch the global torch RNG (VAE sampling, caption dropout,
+timesteps, noise) and the mask RNG are seeded from (seed, epoch, index of the micro-batch in the
+epoch's global order). A step therefore draws the same numbers whatever the number of workers
+(2 workers x 1 micro-batch = 1 worker x 2 accumulated micro-batches) and a resumed run repeats the
+losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from opensora_core.train.checkpoint import RunningStates, load_checkpoint, save_checkpoint
+from opensora_core.train.ema import create_ema, update_ema
+from opensora_core.train.lr import build_lr_scheduler
+from opensora_core.train.mask import MaskGenerator
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# batch entries that go to the model as conditioning (STDiT size / length / fps embedders, rflow)
+CONDITION_KEYS = ("num_frames", "height", "width", "ar", "fps")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    from opensora_core import tracking
+    from opensora_core.models.registry import build_model, build_text_encoder, build_vae
+    from opensora_core.parallel.deepspeed_config import deepspeed_config
+    from opensora_core.schedulers import build_scheduler
+
+    cfg = config
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    on_gpu = torch.cuda.is_available()
+    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+    dtype = TORCH_DTYPES[cfg.get("dtype", "bf16")]
+    if not on_gpu and dtype == torch.float16:
+        dtype = torch.float32  # deepspeed_config warns about this once
+    seed = int(cfg.get("seed", 1024))
+    grad_accum = int(cfg.get("grad_accum", 1))
+    max_steps = cfg.get("max_steps")
+    log_every, ckpt_every = int(cfg.get("log_every", 10)), int(cfg.get("ckpt_every", 0) or 0)
+    run_id = cfg.get("mlflow_run_id") if rank == 0 and os.environ.get("MLFLOW_TRACKING_URI") else None
+    _seed_everything(seed)
+
+    # Ray Train already created the process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it.
+    if not on_gpu:
+        _skip_deepspeed_shm_kernel()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=False)
+
+    # ---- models: text encoder and VAE frozen, the diffusion model trained
+    text_encoder = build_text_encoder(dict(cfg["text_encoder"]), device=device)
+    vae = build_vae(dict(cfg["vae"])).to(device=device, dtype=dtype).eval()
+    vae.requires_grad_(False)
+    model = build_model(
+        dict(cfg["model"]),
+        in_channels=vae.out_channels,
+        caption_channels=text_encoder.output_dim,
+        model_max_length=text_encoder.model_max_length,
+    )
+    if cfg.get("grad_checkpoint"):
+        _enable_grad_checkpoint(model)
+    model = model.to(device).train()
+    ema = create_ema(model) if rank == 0 else None  # fp32; only rank 0 saves it
+    scheduler = build_scheduler(dict(cfg["scheduler"]))
+    mask_generator = MaskGenerator(cfg["mask_ratios"]) if cfg.get("mask_ratios") else None
+
+    # ---- data: this rank's share of every global step
+    loader = build_batches(cfg, rank=rank, world_size=world_size, seed=seed)
+    num_steps_per_epoch = len(loader) // grad_accum
+    if num_steps_per_epoch == 0:
+        raise RuntimeError(f"rank {rank}: the data gives no full step ({len(loader)} micro-batches, grad_accum {grad_accum})")
+
+    # ---- optimizer, LR warmup, DeepSpeed (ZeRO stage from `plugin`)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=float(cfg.get("lr", 1e-4)),
+        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        eps=float(cfg.get("adam_eps", 1e-8)),
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.get("warmup_steps"))
+    ds_config = deepspeed_config(
+        cfg.get("plugin", "zero2"),
+        cfg.get("dtype", "bf16"),
+        float(cfg.get("grad_clip", 0.0) or 0.0),
+        micro_batch_size=loader.max_batch_size,
+        grad_accum=grad_accum,
+        sp_size=int(cfg.get("sp_size", 1)),
+        on_gpu=on_gpu,
+    )
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config, dist_init_required=False
+    )
+
+    # ---- resume: Ray's latest checkpoint after a worker failure, else `load`
+    start_epoch = start_step = global_step = 0
+    ray_checkpoint = ray.train.get_checkpoint()
+    resume_from = ray_checkpoint.path if ray_checkpoint is not None else cfg.get("load")
+    if resume_from:
+        states = load_checkpoint(resume_from, engine, ema, loader, model_type=cfg["model"]["type"], rank=rank)
+        if not cfg.get("start_from_scratch"):
+            start_epoch, start_step, global_step = states.epoch, states.step, states.global_step
+        if rank == 0:
+            log.info("resumed from %s at epoch %d step %d (global step %d)", resume_from, *_position(states))
+
+    # ---- train
+    output_dir = cfg["output_dir"]
+    epochs = int(cfg.get("epochs", 1))
+    loss_window: list[float] = []
+    bucket_ids = {bucket: i for i, bucket in enumerate(loader.bucket_names)}
+    logged_buckets: set[str] = set()
+    done = max_steps is not None and global_step >= max_steps
+    for epoch in range(start_epoch, epochs):
+        if done:
+            break
+        loader.set_epoch(epoch)
+        batches = iter(loader)  # starts after the micro-batches already consumed this epoch
+        for step in range(start_step, num_steps_per_epoch):
+            step_start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
+            step_loss, step_samples = 0.0, 0
+            for micro in range(grad_accum):
+                batch = next(batches)
+                # index of this micro-batch in the epoch's global order, independent of world size
+                order_index = ((step * grad_accum) + micro) * world_size + rank
+                step_seed = int(np.random.SeedSequence([seed, epoch, order_index]).generate_state(1)[0])
+                torch.manual_seed(step_seed)
+                mask_rng = random.Random(step_seed)
+
+                x = batch["video"].to(device=device, dtype=dtype)
+                with torch.no_grad():
+                    x = vae.encode(x)  # [B, C, T', H', W'] latents
+                    model_args = text_encoder.encode(list(batch["text"]))  # {"y", "mask"}
+                model_args = {k: _to(v, device, dtype) for k, v in model_args.items()}
+                mask = None
+                if mask_generator is not None:
+                    mask = mask_generator.get_masks(x, mask_rng)
+                    model_args["x_mask"] = mask
+                model_args.update({k: batch[k].to(device=device, dtype=dtype) for k in CONDITION_KEYS if k in batch})
+                loss = scheduler.training_losses(engine, x, model_args, mask=mask)["loss"].mean()
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
+                step_loss += loss.detach().float().item() / grad_accum
+                step_samples += x.shape[0]
+            if ema is not None:
+                update_ema(ema, engine.module, decay=float(cfg.get("ema_decay", 0.9999)))
+            global_step += 1
+
+            # mean loss and total samples over all ranks
+            totals = torch.tensor([step_loss, float(step_samples)], dtype=torch.float64)
+            dist.all_reduce(totals)
+            last_loss = totals[0].item() / world_size
+            loss_window.append(last_loss)
+            step_time = time.perf_counter() - step_start
+            done = max_steps is not None and global_step >= max_steps
+            at_end = done or (epoch == epochs - 1 and step == num_steps_per_epoch - 1)
+
+            metrics: dict[str, float] = {}
+            if global_step % log_every == 0 or at_end:
+                bucket = _bucket_name(batch)
+                grad_norm = engine.get_global_grad_norm()
+                metrics = {
+                    "loss": last_loss,
+                    "avg_loss": sum(loss_window) / len(loss_window),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "samples_per_s": totals[1].item() / step_time,
+                    "step_time": step_time,
+                    "bucket": float(bucket_ids.setdefault(bucket, len(bucket_ids))),
+                    "epoch": float(epoch),
+                    "global_step": float(global_step),
+                }
+                loss_window = []
+                if rank == 0:
+                    log.info(
+                        "epoch %d step %d global_step %d loss %.5f lr %.3g grad_norm %.4g %.1f samples/s [%s]",
+                        epoch, step + 1, global_step, last_loss, lr, metrics["grad_norm"],
+                        metrics["samples_per_s"], bucket,
+                    )  # fmt: skip
+                    if run_id:
+                        tracking.log_metrics(run_id, metrics, step=global_step)
+                        if bucket not in logged_buckets:
+                            tracking.set_tags(run_id, {f"bucket.{int(metrics['bucket'])}": bucket})
+                            logged_buckets.add(bucket)
+
+            if (ckpt_every and global_step % ckpt_every == 0) or at_end:
+                states = RunningStates(
+                    epoch=epoch,
+                    step=step + 1,
+                    global_step=global_step,
+                    batch_size=loader.max_batch_size,
+                    model_type=cfg["model"]["type"],
+                )
+                saved = save_checkpoint(
+                    output_dir,
+                    engine=engine,
+                    ema=ema,
+                    sampler_state=loader.state_dict((step + 1) * grad_accum),
+                    states=states,
+                    config_text=cfg.get("config_text", ""),
+                    rank=rank,
+                )
+                if rank == 0:
+                    log.info("saved checkpoint %s", saved)
+                    if run_id:
+                        tracking.set_tags(
+                            run_id, {"checkpoint.latest": str(saved), f"checkpoint.global_step{global_step}": str(saved)}
+                        )
+                _report({**metrics, "loss": last_loss, "global_step": float(global_step)}, saved, rank)
+            elif metrics:
+                _report(metrics, None, rank)
+            if done:
+                break
+        start_step = 0
+
+
+def _report(metrics: dict[str, float], checkpoint_dir: Any, rank: int) -> None:
+    """ray.train.report on every rank (it is a barrier); rank 0 attaches the checkpoint.
+
+    The checkpoint already sits in the run's output directory, so it is recorded where it is
+    instead of being copied into Ray's storage.
+    """
+    import ray.train
+
+    checkpoint = None
+    if checkpoint_dir is not None and rank == 0:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir is not None else None,
+        checkpoint_upload_fn=_keep_in_place,
+        delete_local_checkpoint_after_upload=False,
+    )
+
+
+def _keep_in_place(checkpoint: Any, _dir_name: str) -> Any:
+    return checkpoint
+
+
+def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Float tensors to the training dtype; masks and ids keep theirs."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    return value
+
+
+def _position(states: RunningStates) -> tuple[int, int, int]:
+    return states.epoch, states.step, states.global_step
+
+
+def _bucket_name(batch: dict[str, Any]) -> str:
+    """The batch's bucket, e.g. "144p-17-0.56", or its shape when the data does not name it."""
+    if "bucket" in batch:
+        value = batch["bucket"]
+        return str(value[0] if isinstance(value, (list, tuple)) else value)
+    _, _, t, h, w = batch["video"].shape
+    return f"{t}x{h}x{w}"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _enable_grad_checkpoint(model: torch.nn.Module) -> None:
+    """Use the model's own switch (Open-Sora's `grad_checkpoint`); models without one run as they are."""
+    for name in ("enable_grad_checkpoint", "set_grad_checkpoint", "gradient_checkpointing_enable"):
+        switch = getattr(model, name, None)
+        if callable(switch):
+            switch()
+            return
+    if hasattr(model, "grad_checkpointing"):
+        model.grad_checkpointing = True
+        return
+    log.warning("grad_checkpoint=True but %s has no gradient checkpointing switch; ignored", type(model).__name__)
+
+
+def _skip_deepspeed_shm_kernel() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (~1 min) on start-up.
+
+    Only tensor-parallel inference uses it (`inference_all_reduce`); training talks through gloo,
+    so the compile is skipped. Newer DeepSpeed versions without the hook are left alone.
+    """
+    import importlib
+
+    # not `import deepspeed.comm.torch`: that name resolves to the torch package re-exported there
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the bucket snapshot through the bucket batch sampler, or synthetic clips without media.
+
+
+def build_batches(cfg: dict[str, Any], *, rank: int, world_size: int, seed: int) -> Any:
+    """This rank's micro-batches: `len()`, `set_epoch`, resumable `state_dict` / `load_state_dict`."""
+    if cfg.get("synthetic_data"):
+        return SyntheticClips(**cfg["synthetic_data"], rank=rank, world_size=world_size, seed=seed)
+    return SnapshotBatches(cfg, rank=rank, world_size=world_size, seed=seed)
+
+
+class SnapshotBatches:
+    """Batches of decoded clips from a bucket snapshot; DataLoader workers do the decoding."""
+
+    def __init__(self, cfg: dict[str, Any], *, rank: int, world_size: int, seed: int) -> None:
+        from opensora_core.data.dataset import VariableVideoTextDataset
+        from opensora_core.data.sampler import BucketBatchSampler
+        from opensora_core.data.snapshot import open_snapshot
+
+        snapshot = open_snapshot(cfg["snapshot_dir"])
+        dataset_cfg = {k: v for k, v in dict(cfg.get("dataset") or {}).items() if k not in ("type", "data_path")}
+        self.dataset = VariableVideoTextDataset(snapshot, **dataset_cfg)
+        self.sampler = BucketBatchSampler(
+            snapshot, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.num_workers = int(cfg.get("num_workers", 2))
+        self.bucket_names = [b.key.id for b in snapshot.manifest.buckets]
+        self.max_batch_size = max(b.batch_size for b in snapshot.manifest.buckets)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        return iter(loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self, num_steps: int) -> dict[str, Any]:
+        return self.sampler.state_dict(num_steps)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class SyntheticClips:
+    """Random clips and captions in a fixed-shape bucket, split across ranks like the bucket sampler.
+
+    Micro-batch i of an epoch is a pure function of (seed, epoch, i); rank r of R takes
+    i = it * R + r, so any world size sees the same global steps.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_batches: int,
+        batch_size: int,
+        num_frames: int,
+        height: int,
+        width: int,
+        fps: int = 24,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.num_batches, self.batch_size = num_batches, batch_size
+        self.shape = (3, num_frames, height, width)
+        self.fps, self.rank, self.world_size, self.seed = fps, rank, world_size, seed
+        self.epoch, self.start_index = 0, 0
+        self.max_batch_size = batch_size
+        self.bucket_names = [f"{num_frames}x{height}x{width}"]
+
+    def __len__(self) -> int:
+        return self.num_batches // self.world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start, self.start_index = self.start_index, 0  # a restored position applies to one pass
+        for it in range(start, len(self)):
+            index = it * self.world_size + self.rank
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
+            video = torch.rand(self.batch_size, *self.shape, generator=generator) * 2 - 1
+            _, t, h, w = self.shape
+            yield {
+                "video": video,
+                "text": [f"synthetic clip {index}-{j}" for j in range(self.batch_size)],
+                "num_frames": torch.full((self.batch_size,), t),
+                "height": torch.full((self.batch_size,), h),
+                "width": torch.full((self.batch_size,), w),
+                "ar": torch.full((self.batch_size,), h / w),
+                "fps": torch.full((self.batch_size,), self.fps),
+            }
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start_index = 0  # a restored position belongs to the epoch it was saved in
+        self.epoch = epoch
+
+    def state_dict(self, num_steps: int) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "last_micro_batch_access_index": num_steps * self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.start_index = int(state["last_micro_batch_access_index"]) // self.world_size

@@ -1,0 +1,89 @@
+"""Prefect tasks around the pipeline stages; each reloads the config so a task is self-contained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from opensora_core import stages, tracking
+from opensora_core.config import ValidatedConfig, load_config
+
+
+def stage_config(config: str, overrides: dict | None, cfg_options: list[str] | None) -> ValidatedConfig:
+    return load_config(config, overrides or {}, cfg_options=cfg_options, mode="train")
+
+
+# Transient failures (a service restarting, a Ray worker lost) are retried; config errors are not.
+RETRYABLE = {"retries": 2, "retry_delay_seconds": 10}
+
+
+@task(name="scan", cache_policy=NO_CACHE, **RETRYABLE)
+def scan_media(config: str, overrides: dict | None, cfg_options: list[str] | None, parent_run_id: str | None) -> str:
+    """Probe the dataset's media headers into the metadata table; returns its path."""
+    logger = get_run_logger()
+    cfg = stage_config(config, overrides, cfg_options)
+    with tracking.stage_run("scan", parent_run_id=parent_run_id) as run_id:
+        meta, result = stages.scan_stage(cfg, progress=False)
+        if result is not None:
+            logger.info("scan: %s", result.summary())
+            if run_id:
+                tracking.log_metrics(run_id, {"files_ok": result.n_ok, "files_error": result.n_errors}, step=0)
+                tracking.log_artifact(run_id, result.errors_path, artifact_path="metadata")
+        if run_id:
+            tracking.log_artifact(run_id, meta, artifact_path="metadata")
+    return str(meta)
+
+
+@task(name="bucket", cache_policy=NO_CACHE, **RETRYABLE)
+def build_buckets(
+    config: str, overrides: dict | None, cfg_options: list[str] | None, meta: str, parent_run_id: str | None
+) -> str:
+    """Bucket-assign the metadata with Ray Data into a new snapshot; returns the snapshot directory."""
+    from opensora_core.data.snapshot import format_report
+
+    logger = get_run_logger()
+    cfg = stage_config(config, overrides, cfg_options)
+    with tracking.stage_run("bucket", parent_run_id=parent_run_id) as run_id:
+        info = stages.build_buckets(cfg, Path(meta))
+        logger.info("bucket snapshot %s\n%s", info.path, format_report(info.manifest))
+        if run_id:
+            tracking.set_tags(run_id, {"bucket_snapshot": info.manifest["snapshot_id"]})
+            tracking.log_artifact(run_id, Path(info.path) / "manifest.json", artifact_path="buckets")
+        if parent_run_id:
+            tracking.set_tags(parent_run_id, {"bucket_snapshot": info.manifest["snapshot_id"]})
+    return str(info.path)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_model(
+    config: str, overrides: dict | None, cfg_options: list[str] | None, snapshot: str, parent_run_id: str | None
+) -> dict:
+    """Train on Ray Train (workers on the cluster at RAY_ADDRESS); returns the last checkpoint."""
+    logger = get_run_logger()
+    cfg = stage_config(config, overrides, cfg_options)
+    with tracking.stage_run("train", parent_run_id=parent_run_id) as run_id:
+        if run_id:
+            tracking.log_config(run_id, cfg.raw.to_dict(), config)
+        result = stages.run_training(
+            cfg, snapshot=snapshot, mlflow_run_id=run_id, ray_address=os.environ.get("RAY_ADDRESS")
+        )
+        logger.info("trained to global step %s, loss %.4f: %s", result.global_step, result.final_loss, result.checkpoint)
+    return {"checkpoint": result.checkpoint, "global_step": result.global_step, "train_run_id": run_id}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, **RETRYABLE)
+def evaluate_checkpoint(
+    config: str, overrides: dict | None, cfg_options: list[str] | None, checkpoint: str, parent_run_id: str | None
+) -> list[str]:
+    """Sample the config's eval prompts from a checkpoint; the videos go to MLflow."""
+    from opensora_core.sample.evaluate import evaluate_checkpoint as evaluate
+
+    logger = get_run_logger()
+    cfg = stage_config(config, overrides, cfg_options)
+    with tracking.stage_run("evaluate", parent_run_id=parent_run_id) as run_id:
+        result = evaluate(cfg, checkpoint, Path(checkpoint).parent / "eval", mlflow_run_id=run_id, progress=False)
+        logger.info("evaluation samples: %s (%.1fs)", result.samples, result.sampling_seconds)
+    return result.samples

@@ -1,0 +1,322 @@
+"""Bucket config parsing and the assignment rules of spec/buckets.md."""
+
+import numpy as np
+import pytest
+
+from opensora_core.data.aspect import NUM_PIXELS, RATIO_TABLES, RESOLUTIONS
+from opensora_core.data.bucket import BucketConfig, BucketKey, assign_buckets
+from opensora_core.errors import ConfigError
+
+
+def assign_one(cfg_dict, t, h, w, frame_interval=1, key="a.mp4", seed=0, epoch=0):
+    a = assign_buckets([t], [h], [w], [key], BucketConfig.from_dict(cfg_dict), frame_interval, seed, epoch)
+    if a.resolution[0] is None:
+        return None
+    return (a.resolution[0], int(a.num_frames[0]), a.aspect_ratio[0], int(a.height[0]), int(a.width[0]))
+
+
+# --- config parsing -----------------------------------------------------------------------------
+
+
+def test_config_walks_resolutions_from_most_pixels():
+    cfg = BucketConfig.from_dict({"240p": {16: (1.0, 8)}, "1080p": {1: (1.0, 4)}, "480p": {1: (1.0, 8)}})
+    assert [rb.resolution for rb in cfg.resolutions] == ["1080p", "480p", "240p"]
+
+
+def test_config_equal_pixels_keep_table_order():
+    cfg = BucketConfig.from_dict({"4k": {1: (1.0, 1)}, "2880": {1: (1.0, 1)}})
+    assert [rb.resolution for rb in cfg.resolutions] == ["2880", "4k"]
+
+
+def test_config_accepts_t_prob_entries():
+    cfg = BucketConfig.from_dict({"144p": {1: (1.0, 475), 51: (1.0, 51), 102: ((1.0, 0.33), 27)}})
+    rb = cfg.resolutions[0]
+    assert rb.image.batch_size == 475
+    assert [(e.num_frames, e.keep_prob, e.t_prob, e.batch_size) for e in rb.videos] == [
+        (102, 1.0, 0.33, 27),
+        (51, 1.0, 1.0, 51),
+    ]
+
+
+def test_config_batch_sizes_skip_disabled_buckets():
+    cfg = BucketConfig.from_dict({"480p": {1: (1.0, 52), 16: (0.5, 4), 32: (0.0, None)}})
+    assert cfg.batch_sizes() == {("480p", 16): 4, ("480p", 1): 52}
+    assert cfg.batch_size("480p", 32) is None
+
+
+def test_config_round_trips_through_to_dict():
+    raw = {"480p": {32: (0.0, None), 16: (0.5, 4), 1: (1.0, 52)}, "144p": {102: ((1.0, 0.33), 27)}}
+    assert BucketConfig.from_dict(raw).to_dict() == raw
+
+
+def test_config_accepts_digit_string_frame_keys_from_cli_overrides():
+    cfg = BucketConfig.from_dict({"240p": {"16": (1.0, 8)}})
+    assert cfg.batch_sizes() == {("240p", 16): 8}
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"300p": {16: (1.0, 8)}}, r'bucket_config\["300p"\]: unknown resolution name; valid names: 144p'),
+        ({"480p": {16: (1.5, 8)}}, r'bucket_config\["480p"\]\[16\]: keep_prob 1.5 must be within \[0, 1\]'),
+        ({"480p": {16: (-0.1, 8)}}, r'bucket_config\["480p"\]\[16\]: keep_prob'),
+        ({"480p": {16: ((1.0, 2.0), 8)}}, r'bucket_config\["480p"\]\[16\]: t_prob 2.0'),
+        ({"480p": {16: (1.0, None)}}, r'bucket_config\["480p"\]\[16\]: .*batch_size must be a positive'),
+        ({"480p": {16: (0.5, 0)}}, r'bucket_config\["480p"\]\[16\]: .*batch_size must be a positive'),
+        ({"480p": {16.5: (1.0, 8)}}, r'bucket_config\["480p"\]\[16.5\]: num_frames keys must be'),
+        ({"480p": {"16f": (1.0, 8)}}, r'bucket_config\["480p"\]\["16f"\]: num_frames keys must be'),
+        ({"480p": {16: (1.0, 8, 3)}}, r'bucket_config\["480p"\]\[16\]: expected \(keep_prob, batch_size\)'),
+        ({"480p": {16: 1.0}}, r'bucket_config\["480p"\]\[16\]: expected'),
+        ({"480p": {16: ((1.0,), 8)}}, r'bucket_config\["480p"\]\[16\]: expected'),
+        ({"480p": (1.0, 8)}, r'bucket_config\["480p"\]: expected a non-empty dict'),
+        (
+            {"480p": {16: (0.0, None)}, "240p": {1: (0.0, None)}},
+            r"bucket_config: every bucket has keep_prob 0",
+        ),
+        ({}, r"bucket_config: expected a non-empty dict"),
+    ],
+)
+def test_config_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        BucketConfig.from_dict(raw)
+
+
+# --- rules, one at a time -----------------------------------------------------------------------
+
+
+def test_resolution_opens_at_exactly_80_percent_of_its_pixels():
+    assert 284 * 288 * 5 == NUM_PIXELS["240p"] * 4
+    cfg = {"240p": {1: (1.0, 8)}}
+    assert assign_one(cfg, 1, 284, 288)[0] == "240p"
+
+
+def test_resolution_closed_below_80_percent_of_its_pixels():
+    assert assign_one({"240p": {1: (1.0, 8)}}, 1, 283, 289) is None
+
+
+def test_video_needs_strictly_more_than_t_times_frame_interval_frames():
+    cfg = {"240p": {16: (1.0, 8)}}
+    assert assign_one(cfg, 32, 240, 426, frame_interval=2) is None
+    assert assign_one(cfg, 33, 240, 426, frame_interval=2) == ("240p", 16, "0.56", 240, 426)
+
+
+def test_video_takes_largest_fitting_frame_count():
+    cfg = {"240p": {16: (1.0, 8), 32: (1.0, 4), 64: (1.0, 2)}}
+    assert assign_one(cfg, 50, 240, 426)[1] == 32
+    assert assign_one(cfg, 65, 240, 426)[1] == 64
+
+
+def test_image_goes_to_the_one_frame_entry():
+    cfg = {"240p": {1: (1.0, 8), 16: (1.0, 8)}}
+    assert assign_one(cfg, 1, 240, 426) == ("240p", 1, "0.56", 240, 426)
+
+
+def test_image_skips_resolution_without_one_frame_entry():
+    cfg = {"480p": {16: (1.0, 8)}, "240p": {1: (1.0, 8)}}
+    assert assign_one(cfg, 1, 720, 1280)[:2] == ("240p", 1)
+
+
+def test_video_never_goes_to_the_one_frame_entry():
+    assert assign_one({"240p": {1: (1.0, 8)}}, 10, 240, 426) is None
+
+
+def test_too_short_video_falls_through_to_smaller_resolution():
+    cfg = {"480p": {64: (1.0, 8)}, "240p": {16: (1.0, 8)}}
+    assert assign_one(cfg, 40, 720, 1280)[:2] == ("240p", 16)
+
+
+def test_keep_prob_zero_falls_through_to_next_resolution():
+    cfg = {"480p": {16: (0.0, None)}, "240p": {16: (1.0, 8)}}
+    assert assign_one(cfg, 40, 720, 1280)[:2] == ("240p", 16)
+
+
+def test_unkept_t_moves_on_to_next_resolution_not_next_length():
+    # t is chosen first (32, disabled); not kept -> 240p, never 480p/16.
+    cfg = {"480p": {16: (1.0, 4), 32: (0.0, None)}, "240p": {16: (1.0, 8)}}
+    assert assign_one(cfg, 40, 720, 1280)[:2] == ("240p", 16)
+
+
+def test_keep_prob_one_keeps_at_largest_open_resolution():
+    cfg = {"480p": {16: (1.0, 4)}, "240p": {16: (1.0, 8)}}
+    assert assign_one(cfg, 40, 720, 1280) == ("480p", 16, "0.56", 480, 854)
+
+
+def test_t_prob_zero_entry_is_passed_over_for_next_shorter():
+    cfg = {"240p": {16: (1.0, 8), 64: ((1.0, 0.0), 2)}}
+    assert assign_one(cfg, 100, 240, 426)[1] == 16
+
+
+def test_t_prob_one_entry_is_taken():
+    cfg = {"240p": {16: (1.0, 8), 64: ((1.0, 1.0), 2)}}
+    assert assign_one(cfg, 100, 240, 426)[1] == 64
+
+
+def test_equal_pixel_resolutions_tried_in_table_order():
+    cfg = {"4k": {1: (1.0, 1)}, "2880": {1: (1.0, 1)}}
+    assert assign_one(cfg, 1, 2160, 3840)[0] == "2880"
+
+
+def test_aspect_key_is_closest_in_chosen_table():
+    cfg = {"256": {1: (1.0, 8)}, "240p": {16: (1.0, 8)}}
+    assert assign_one(cfg, 1, 300, 1200) == ("256", 1, "0.25", 128, 512)
+    assert assign_one(cfg, 20, 1080, 600) == ("240p", 16, "1.78", 426, 240)
+
+
+def test_aspect_key_tie_goes_to_first_table_key():
+    assert assign_one({"240p": {1: (1.0, 8)}}, 1, 700, 800) == ("240p", 1, "0.75", 276, 368)
+
+
+def test_small_sample_sits_out():
+    assert assign_one({"480p": {1: (1.0, 8)}}, 1, 240, 426) is None
+
+
+def test_bucket_key_orders_and_names_buckets():
+    key = BucketKey.from_names("240p", 16, "0.56")
+    assert key.id == "240p-16-0.56"
+    assert key.size == (240, 426)
+    assert BucketKey.from_names("144p", 51, "1.00") < key
+
+
+# --- against an independent per-row reference ---------------------------------------------------
+
+
+def reference_bucket(t, h, w, cfg_dict, frame_interval):
+    """Slow spec reading, valid when every probability is 0 or 1."""
+    names = sorted(cfg_dict, key=lambda n: (-NUM_PIXELS[n], RESOLUTIONS.index(n)))
+    for name in names:
+        if h * w < 0.8 * NUM_PIXELS[name]:
+            continue
+        entries = cfg_dict[name]
+        chosen = None
+        if t == 1:
+            probs = entries.get(1, (0.0, None))[0]
+            if (probs[0] if isinstance(probs, tuple) else probs) == 1.0:  # t_prob plays no part for images
+                chosen = 1
+        else:
+            for frames in sorted((f for f in entries if f != 1), reverse=True):
+                probs = entries[frames][0]
+                keep, t_prob = probs if isinstance(probs, tuple) else (probs, 1.0)
+                if t_prob == 0.0:
+                    continue
+                if t > frames * frame_interval:
+                    chosen = frames if keep == 1.0 else None
+                    break
+        if chosen is None:
+            continue
+        table = RATIO_TABLES[name]
+        best = min(table, key=lambda k: abs(float(k) - h / w))
+        return (name, chosen, best, *table[best])
+    return None
+
+
+def random_config(rng):
+    names = rng.choice(RESOLUTIONS, size=rng.integers(1, 6), replace=False)
+    cfg = {}
+    for name in names:
+        entries = {}
+        for frames in rng.choice([1, 2, 4, 16, 32, 51, 64, 102, 204], size=rng.integers(1, 5), replace=False):
+            keep = float(rng.choice([0.0, 1.0]))
+            probs = (keep, float(rng.choice([0.0, 1.0]))) if rng.random() < 0.3 else keep
+            entries[int(frames)] = (probs, int(rng.integers(1, 64)) if keep else None)
+        cfg[str(name)] = entries
+    first = next(iter(cfg))
+    cfg[first][1] = (1.0, 8)  # something is always kept
+    return cfg
+
+
+def test_vectorised_assignment_matches_reference_rows():
+    rng = np.random.default_rng(7)
+    n = 2000
+    is_image = rng.random(n) < 0.3
+    frames = np.where(is_image, 1, rng.integers(2, 900, n))
+    height = rng.integers(64, 4400, n)
+    width = rng.integers(64, 4400, n)
+    keys = [f"clip_{i}.mp4" for i in range(n)]
+    for trial in range(5):
+        cfg_dict = random_config(rng)
+        frame_interval = int(rng.integers(1, 4))
+        a = assign_buckets(
+            frames, height, width, keys, BucketConfig.from_dict(cfg_dict), frame_interval, 3, trial
+        )
+        for i in range(n):
+            got = None
+            if a.resolution[i] is not None:
+                got = (
+                    a.resolution[i],
+                    int(a.num_frames[i]),
+                    a.aspect_ratio[i],
+                    int(a.height[i]),
+                    int(a.width[i]),
+                )
+            assert got == reference_bucket(
+                int(frames[i]), int(height[i]), int(width[i]), cfg_dict, frame_interval
+            )
+
+
+# --- randomness ---------------------------------------------------------------------------------
+
+
+def draw_rows(n):
+    return np.full(n, 100), np.full(n, 720), np.full(n, 1280), [f"v{i}.mp4" for i in range(n)]
+
+
+def within_binomial(count, n, p, sigmas=5.0):
+    return abs(count - n * p) <= sigmas * np.sqrt(n * p * (1 - p))
+
+
+def test_fractional_keep_prob_keeps_that_share():
+    frames, h, w, keys = draw_rows(20000)
+    cfg = BucketConfig.from_dict({"480p": {16: (0.3, 4)}, "240p": {16: (1.0, 8)}})
+    a = assign_buckets(frames, h, w, keys, cfg, 1, seed=11, epoch=0)
+    assert within_binomial(int((a.resolution == "480p").sum()), 20000, 0.3)
+    assert int((a.resolution == "240p").sum()) == 20000 - int((a.resolution == "480p").sum())
+
+
+def test_t_prob_sends_that_share_to_the_longer_length():
+    frames, h, w, keys = draw_rows(20000)
+    cfg = BucketConfig.from_dict({"240p": {16: (1.0, 8), 51: ((1.0, 0.33), 4)}})
+    a = assign_buckets(frames, h, w, keys, cfg, 1, seed=5, epoch=2)
+    assert within_binomial(int((a.num_frames == 51).sum()), 20000, 0.33)
+    assert set(np.unique(a.num_frames).tolist()) == {16, 51}
+
+
+def test_draws_repeat_for_same_seed_and_epoch():
+    frames, h, w, keys = draw_rows(500)
+    cfg = BucketConfig.from_dict({"480p": {16: (0.5, 4)}, "240p": {16: (1.0, 8)}})
+    a = assign_buckets(frames, h, w, keys, cfg, 1, seed=1, epoch=4)
+    b = assign_buckets(frames, h, w, keys, cfg, 1, seed=1, epoch=4)
+    assert (a.resolution_index == b.resolution_index).all()
+
+
+def test_draws_change_with_epoch_and_seed():
+    frames, h, w, keys = draw_rows(2000)
+    cfg = BucketConfig.from_dict({"480p": {16: (0.5, 4)}, "240p": {16: (1.0, 8)}})
+    base = assign_buckets(frames, h, w, keys, cfg, 1, seed=1, epoch=0).resolution_index
+    other_epoch = assign_buckets(frames, h, w, keys, cfg, 1, seed=1, epoch=1).resolution_index
+    other_seed = assign_buckets(frames, h, w, keys, cfg, 1, seed=2, epoch=0).resolution_index
+    # Independent draws agree on about half the rows.
+    assert within_binomial(int((base == other_epoch).sum()), 2000, 0.5)
+    assert within_binomial(int((base == other_seed).sum()), 2000, 0.5)
+
+
+def test_assignment_is_the_same_whatever_the_chunking():
+    rng = np.random.default_rng(3)
+    n = 3000
+    frames = np.where(rng.random(n) < 0.3, 1, rng.integers(2, 400, n))
+    h, w = rng.integers(100, 2000, n), rng.integers(100, 2000, n)
+    keys = np.array([f"dir/{i}.mp4" for i in range(n)], dtype=object)
+    cfg = BucketConfig.from_dict(
+        {
+            "144p": {1: (0.5, 64), 51: (0.7, 16), 102: ((0.6, 0.33), 8)},
+            "240p": {1: (0.4, 32), 51: ((0.5, 0.5), 8), 102: ((0.3, 0.2), 4)},
+            "480p": {1: (0.3, 16), 51: (0.2, 2)},
+        }
+    )
+    whole = assign_buckets(frames, h, w, keys, cfg, 2, seed=9, epoch=3)
+    cuts = [0, 1, 17, 900, 901, 2500, n]
+    parts = [
+        assign_buckets(frames[a:b], h[a:b], w[a:b], keys[a:b], cfg, 2, 9, 3)
+        for a, b in zip(cuts, cuts[1:], strict=False)
+    ]
+    for field in ("resolution_index", "num_frames", "aspect_index", "height", "width"):
+        assert (np.concatenate([getattr(p, field) for p in parts]) == getattr(whole, field)).all()
