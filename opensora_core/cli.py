@@ -112,8 +112,11 @@ def cmd_demo_data(ns: argparse.Namespace) -> int:
     out = Path(ns.dir)
     demo = make_demo_data(out, seed=ns.seed)
     weights = create_tiny_pretrained(out / "pretrained", seed=ns.seed)
-    print(f"demo media: {out} ({demo})")
-    print(f"tiny random-weight text encoder and VAE (their outputs are noise): {weights}")
+    print(
+        f"demo media in {out}: {len(demo.videos)} videos, {len(demo.images)} images, "
+        f"1 deliberately corrupt file ({demo.corrupt}), captions in sidecar .txt files and {demo.captions_csv}"
+    )
+    print(f"tiny text encoder {weights.t5} and VAE {weights.vae}: RANDOM weights, so samples are noise")
     return 0
 
 

@@ -163,7 +163,8 @@ def test_bad_training_values_raise_one_line_errors_naming_the_key(tmp_path: Path
     ("edit", "message"),
     [
         ('resolution = "241p"\naspect_ratio = "9:16"', r"resolution='241p' is unknown; valid: .*240p"),
-        ('resolution = "240p"\naspect_ratio = "9:17"', r"aspect_ratio='9:17' is unknown; valid: .*9:16"),
+        ('resolution = "240p"\naspect_ratio = "7:5"', r"aspect_ratio='7:5' is unknown; valid: .*9:16"),
+        ('resolution = "256"\naspect_ratio = "9:16"', r"aspect_ratio '9:16' is not in the '256' table"),
         ("image_size = (0, 426)", r"image_size=\(0, 426\)"),
         ("resolution = None", r"image_size: missing"),
     ],

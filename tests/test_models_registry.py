@@ -155,3 +155,10 @@ def test_missing_vae_directory_is_a_checkpoint_error(tmp_path):
                 "local_files_only": True,
             }
         )
+
+
+def test_unreadable_weights_file_is_a_checkpoint_error(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_text("not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot read weights"):
+        build_model({**TINY, "from_pretrained": str(bad)}, **SIZES)

@@ -62,8 +62,31 @@ def apply_args(cfg: Config, args: Mapping[str, Any], *, training: bool) -> Confi
             cfg[name] = value
     options = args.get("cfg_options")
     if options:
-        cfg.merge_from_dict(parse_cfg_options(options))
+        for dotted, value in parse_cfg_options(options).items():
+            set_option(cfg, dotted, value)
     return cfg
+
+
+def set_option(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in place. A numeric part addresses an int key (bucket frame counts are ints)."""
+    parts = dotted.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        key: Any = part
+        if part.lstrip("-").isdigit() and (int(part) in node or part not in node):
+            key = int(part) if (int(part) in node or _has_int_keys(node)) else part
+        if i == len(parts) - 1:
+            node[key] = value
+            return
+        if key not in node or node[key] is None:
+            node[key] = {}
+        elif not hasattr(node[key], "keys"):
+            raise ConfigError(f"--cfg-options {dotted}: {'.'.join(parts[: i + 1])} is not a dict")
+        node = node[key]
+
+
+def _has_int_keys(node: Any) -> bool:
+    return any(isinstance(k, int) for k in node.keys())
 
 
 def parse_cfg_options(options: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
 
 
 def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:
-    from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_num_frames
+    from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_image_size, get_num_frames
 
     image_size = cfg.get("image_size")
     if image_size is not None:
@@ -224,6 +224,7 @@ def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:
             raise ConfigError(f"resolution={resolution!r} is unknown; valid: {_fmt(RESOLUTIONS)}")
         if aspect_ratio not in ASPECT_RATIO_MAP:
             raise ConfigError(f"aspect_ratio={aspect_ratio!r} is unknown; valid: {_fmt(tuple(ASPECT_RATIO_MAP))}")
+        get_image_size(resolution, aspect_ratio)  # the pair must exist in the resolution's table
     num_frames = cfg.get("num_frames")
     if num_frames is not None:
         num_frames = get_num_frames(num_frames)

@@ -68,7 +68,7 @@ def _load_rows(source: Snapshot | pa.Table | str | Path, data_root: str | Path |
 
 
 def parse_index(index: str | Sequence[int]) -> tuple[int, int, int, int]:
-    """"idx-T-H-W" (or an (idx, T, H, W) sequence) -> four ints."""
+    """ "idx-T-H-W" (or an (idx, T, H, W) sequence) -> four ints."""
     parts = index.split("-") if isinstance(index, str) else list(index)
     if len(parts) != 4:
         raise ValueError(f"dataset index {index!r}: expected 'idx-T-H-W'")
@@ -151,7 +151,7 @@ class _ClipDataset(Dataset):
                 return self._sample(row, t, size, replicate_image)
             except (MediaError, OSError) as err:
                 self.skipped += 1
-                log.warning("skipping %s: %s", self.rows.paths[row], err)
+                log.warning("skipped a sample: %s", err)
             if candidates is None:
                 candidates = self._can_replace(idx, t, replicate_image)
             if len(candidates) == 0:
@@ -221,4 +221,3 @@ def collate_fn(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     out = default_collate(items)
     out["num_dropped"] = len(batch) - len(items)
     return out
-

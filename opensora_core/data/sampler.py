@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opensora_core.data.aspect import RATIO_TABLES, RESOLUTIONS
 from opensora_core.data.bucket import BucketConfig, BucketKey, assign_buckets
@@ -24,8 +25,8 @@ from opensora_core.errors import ConfigError
 class BucketBatchSampler:
     """Batches that never mix buckets, shuffled by (seed, epoch) and split across data-parallel ranks.
 
-    `source` is a Snapshot (bucket config, frame interval and seed default to its manifest) or a
-    metadata table, which is then always bucketed in-process. `drop_last=False` pads a bucket's last
+    `source` is a Snapshot (bucket config, frame interval, seed and epoch default to its manifest)
+    or a metadata table, which is then always bucketed in-process. `drop_last=False` pads a bucket's last
     batch with its first samples and pads the batch list so every rank gets the same count.
     """
 
@@ -39,7 +40,7 @@ class BucketBatchSampler:
         rank: int = 0,
         sp_size: int = 1,
         seed: int | None = None,
-        epoch: int = 0,
+        epoch: int | None = None,
         shuffle: bool = True,
         drop_last: bool = False,
     ) -> None:
@@ -49,7 +50,10 @@ class BucketBatchSampler:
             self.bucket_cfg = bucket_cfg or manifest.bucket_cfg()
             self.frame_interval = manifest.frame_interval if frame_interval is None else frame_interval
             self.seed = manifest.seed if seed is None else seed
-            same_rules = self.bucket_cfg == manifest.bucket_cfg() and self.frame_interval == manifest.frame_interval
+            epoch = manifest.epoch if epoch is None else epoch
+            same_rules = (
+                self.bucket_cfg == manifest.bucket_cfg() and self.frame_interval == manifest.frame_interval
+            )
             self._drawn_for: tuple[int, int] | None = (manifest.seed, manifest.epoch) if same_rules else None
         else:
             if bucket_cfg is None or frame_interval is None:
@@ -58,6 +62,7 @@ class BucketBatchSampler:
             self.bucket_cfg = bucket_cfg
             self.frame_interval = frame_interval
             self.seed = 0 if seed is None else seed
+            epoch = 0 if epoch is None else epoch
             self._drawn_for = None
         if sp_size < 1 or num_replicas % sp_size:
             raise ConfigError(f"sp_size={sp_size} must divide the number of ranks ({num_replicas})")
@@ -74,7 +79,7 @@ class BucketBatchSampler:
         self.epoch = epoch
         self._start = 0  # global batch position to resume from (multiple of dp_size)
         self._consumed = 0  # global batches handed out this epoch, for state_dict()
-        self._cache: tuple[tuple[int, int], list[list[str]]] | None = None
+        self._cache: tuple[tuple[int, int], list[tuple[str, np.ndarray]]] | None = None
 
     # --- epoch plan ------------------------------------------------------------------------------
 
@@ -82,12 +87,7 @@ class BucketBatchSampler:
         """This epoch's buckets -> table rows (table order), buckets in table order."""
         t = self.table
         if self._drawn_for == (self.seed, self.epoch) and "bucket_res" in t.column_names:
-            res = t["bucket_res"].to_pylist()
-            frames = t["bucket_frames"].fill_null(-1).to_numpy(zero_copy_only=False)
-            ars = t["bucket_ar"].to_pylist()
-            index = {(r, a): j for r in RESOLUTIONS for j, a in enumerate(RATIO_TABLES[r])}
-            res_idx = np.array([-1 if r is None else RESOLUTIONS.index(r) for r in res], dtype=np.int64)
-            ar_idx = np.array([-1 if r is None else index[(r, a)] for r, a in zip(res, ars, strict=True)])
+            res_idx, frames, ar_idx = _stored_buckets(t)
         else:
             a = assign_buckets(
                 t["num_frames"].to_numpy(zero_copy_only=False),
@@ -110,17 +110,18 @@ class BucketBatchSampler:
             for c, rows in zip(codes, groups, strict=True)
         }
 
-    def _batches(self) -> list[list[str]]:
-        """Every data-parallel group's batches for this epoch, in the order they are dealt out."""
+    def _batches(self) -> list[tuple[str, np.ndarray]]:
+        """Every data-parallel group's batches for this epoch, in the order they are dealt out,
+        as ("-T-H-W" suffix, rows); strings are made only for the batches a rank yields."""
         if self._cache is not None and self._cache[0] == (self.seed, self.epoch):
             return self._cache[1]
         rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, self.epoch])
-        batches: list[list[str]] = []
+        batches: list[tuple[str, np.ndarray]] = []
         for key, rows in self.bucket_rows().items():
             bs = self.batch_sizes.get((key.resolution, key.num_frames))
             if bs is None:
                 raise ConfigError(
-                    f"bucket_config[\"{key.resolution}\"][{key.num_frames}]: no batch size for a bucket "
+                    f'bucket_config["{key.resolution}"][{key.num_frames}]: no batch size for a bucket '
                     "the snapshot kept; rebuild the snapshot with this config"
                 )
             if self.shuffle:
@@ -131,8 +132,7 @@ class BucketBatchSampler:
                 n_full += 1
             h, w = key.size
             suffix = f"-{key.num_frames}-{h}-{w}"
-            for b in range(n_full):
-                batches.append([f"{i}{suffix}" for i in rows[b * bs : (b + 1) * bs].tolist()])
+            batches.extend((suffix, rows[b * bs : (b + 1) * bs]) for b in range(n_full))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         rest = len(batches) % self.dp_size
@@ -155,7 +155,8 @@ class BucketBatchSampler:
         first = self._start // self.dp_size
         for step in range(first, len(batches) // self.dp_size):
             self._consumed = (step + 1) * self.dp_size
-            yield batches[step * self.dp_size + self.dp_rank]
+            suffix, rows = batches[step * self.dp_size + self.dp_rank]
+            yield [f"{i}{suffix}" for i in rows.tolist()]
         self._start = 0  # a second pass over the same epoch starts from the top
 
     def set_epoch(self, epoch: int) -> None:
@@ -178,3 +179,20 @@ class BucketBatchSampler:
         consumed = state.get("consumed_batches", state.get("last_micro_batch_access_index", 0))
         self._start = int(consumed) // self.dp_size * self.dp_size
         self._consumed = self._start
+
+
+def _stored_buckets(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(resolution index, frames, ratio index) from a snapshot's bucket columns; -1 where null."""
+    res_idx = pc.index_in(table["bucket_res"], value_set=pa.array(RESOLUTIONS))
+    res_idx = res_idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    frames = table["bucket_frames"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    ars = table["bucket_ar"]
+    ar_idx = np.full(len(res_idx), -1, dtype=np.int64)
+    for r in np.unique(res_idx[res_idx >= 0]):
+        rows = np.flatnonzero(res_idx == r)
+        keys = pa.array(list(RATIO_TABLES[RESOLUTIONS[r]]))
+        found = pc.index_in(ars.take(pa.array(rows)), value_set=keys)
+        ar_idx[rows] = found.fill_null(-1).to_numpy(zero_copy_only=False)
+    if ((res_idx >= 0) & (ar_idx < 0)).any():
+        raise ConfigError("bucket snapshot: a bucket_ar value is not in its resolution's ratio table")
+    return res_idx, frames, ar_idx

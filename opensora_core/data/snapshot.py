@@ -340,7 +340,8 @@ def build_snapshot(
 ) -> SnapshotInfo:
     """Assign buckets with Ray Data, write a new snapshot under `root`, then point `root/CURRENT` at it.
 
-    `num_workers` caps concurrent Ray tasks (None: Ray decides); `num_blocks` repartitions the
+    Connects with `ray.init()` only when Ray is not initialised yet (and leaves that local Ray
+    running for later builds). `num_workers` caps concurrent Ray tasks (None: Ray decides); `num_blocks` repartitions the
     metadata into that many blocks. The shards are byte-identical whatever either is.
     """
     meta_path, root = Path(meta_path), Path(root)

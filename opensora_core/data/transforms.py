@@ -35,7 +35,9 @@ def resize_crop(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         new_h, new_w = max(th, round(h * scale_w)), tw
     if (new_h, new_w) != (h, w):
         # Antialiasing keeps downscaled frames free of aliasing; bilinear weights never overshoot.
-        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        video = F.interpolate(
+            video, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+        )
     top = int(round((new_h - th) / 2.0))
     left = int(round((new_w - tw) / 2.0))
     return video[..., top : top + th, left : left + tw]

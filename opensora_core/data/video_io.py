@@ -52,7 +52,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))[None]
+            return np.array(img.convert("RGB"))[None]
     except Exception as err:  # PIL raises many types for unreadable files
         raise MediaError(f"{path}: cannot read image: {type(err).__name__}: {err}") from None
 
@@ -76,7 +76,9 @@ def read_clip(
             raise
         except Exception as err:
             if backend == "decord":
-                raise MediaError(f"{path}: cannot decode video with decord: {type(err).__name__}: {err}") from None
+                raise MediaError(
+                    f"{path}: cannot decode video with decord: {type(err).__name__}: {err}"
+                ) from None
             log.debug("decord failed on %s (%s); trying PyAV", path, err)
     try:
         return _read_av(path, num_frames, frame_interval, rng)

@@ -166,8 +166,9 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             return load_file(file)
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: cannot read weights ({err})") from err
+    except Exception as err:  # safetensors and pickle raise their own types; all mean an unreadable file
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file}: cannot read weights ({first_line})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -40,9 +40,13 @@ def deepspeed_config(
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is unknown; valid values: {', '.join(DTYPES)}")
     if plugin == "zero2-seq" and sp_size < 2:
-        raise ConfigError(f"sp_size={sp_size}: plugin='zero2-seq' needs sp_size >= 2 (use plugin='zero2' for 1)")
+        raise ConfigError(
+            f"sp_size={sp_size}: plugin='zero2-seq' needs sp_size >= 2 (use plugin='zero2' for 1)"
+        )
     if plugin != "zero2-seq" and sp_size != 1:
-        raise ConfigError(f"sp_size={sp_size}: sequence parallelism needs plugin='zero2-seq' (plugin is {plugin!r})")
+        raise ConfigError(
+            f"sp_size={sp_size}: sequence parallelism needs plugin='zero2-seq' (plugin is {plugin!r})"
+        )
     if grad_clip < 0:
         raise ConfigError(f"grad_clip={grad_clip}: must be >= 0 (0 turns clipping off)")
     if micro_batch_size < 1 or grad_accum < 1:

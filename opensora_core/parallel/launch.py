@@ -10,7 +10,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Environment the workers need from the caller: where MLflow lives, how Ray is reached.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
 
 
 def connect_ray(ray_address: str | None = None) -> None:
@@ -63,7 +68,9 @@ def run_training(
         train_loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

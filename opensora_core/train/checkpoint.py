@@ -1,13 +1,13 @@
 """Training checkpoints: one directory per save, written under a temporary name and renamed whole.
 
-    {outputs}/epoch{E}-global_step{G}/
-        model.safetensors       consolidated fp32 weights, the model's own key names
-        ema.safetensors         fp32 EMA weights (what sampling uses)
-        ds/                     DeepSpeed state: ZeRO optimizer shards, LR scheduler, step counters
-        sampler.json            bucket sampler position
-        rng_state_rank{R}.pt    torch / numpy / python RNG states of each rank
-        running_states.json     epoch, step, global_step, batch_size, model_type, rng states file
-        config.py               the resolved config
+{outputs}/epoch{E}-global_step{G}/
+    model.safetensors       consolidated fp32 weights, the model's own key names
+    ema.safetensors         fp32 EMA weights (what sampling uses)
+    ds/                     DeepSpeed state: ZeRO optimizer shards, LR scheduler, step counters
+    sampler.json            bucket sampler position
+    rng_state_rank{R}.pt    torch / numpy / python RNG states of each rank
+    running_states.json     epoch, step, global_step, batch_size, model_type, rng states file
+    config.py               the resolved config
 """
 
 from __future__ import annotations
@@ -120,7 +120,9 @@ def read_running_states(path: str | Path) -> RunningStates:
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     if path.name.startswith(TMP_PREFIX):
-        raise CheckpointError(f"{path}: an unfinished checkpoint (a run died while saving it); use an earlier one")
+        raise CheckpointError(
+            f"{path}: an unfinished checkpoint (a run died while saving it); use an earlier one"
+        )
     states_file = path / RUNNING_STATES
     if not states_file.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {RUNNING_STATES})")

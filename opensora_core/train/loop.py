@@ -13,6 +13,7 @@ losses of an uninterrupted one.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from opensora_core.errors import ConfigError
 from opensora_core.train.checkpoint import RunningStates, load_checkpoint, save_checkpoint
 from opensora_core.train.ema import create_ema, update_ema
 from opensora_core.train.lr import build_lr_scheduler
@@ -39,6 +41,7 @@ CONDITION_KEYS = ("num_frames", "height", "width", "ar", "fps")
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
+    import ray.train.torch
 
     from opensora_core import tracking
     from opensora_core.models.registry import build_model, build_text_encoder, build_vae
@@ -54,9 +57,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not on_gpu and dtype == torch.float16:
         dtype = torch.float32  # deepspeed_config warns about this once
     seed = int(cfg.get("seed", 1024))
+    epochs, max_steps = int(cfg.get("epochs", 1)), cfg.get("max_steps")
     grad_accum = int(cfg.get("grad_accum", 1))
-    max_steps = cfg.get("max_steps")
+    ema_decay = float(cfg.get("ema_decay", 0.9999))
     log_every, ckpt_every = int(cfg.get("log_every", 10)), int(cfg.get("ckpt_every", 0) or 0)
+    output_dir = cfg["output_dir"]
     run_id = cfg.get("mlflow_run_id") if rank == 0 and os.environ.get("MLFLOW_TRACKING_URI") else None
     _seed_everything(seed)
 
@@ -86,7 +91,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader = build_batches(cfg, rank=rank, world_size=world_size, seed=seed)
     num_steps_per_epoch = len(loader) // grad_accum
     if num_steps_per_epoch == 0:
-        raise RuntimeError(f"rank {rank}: the data gives no full step ({len(loader)} micro-batches, grad_accum {grad_accum})")
+        raise RuntimeError(
+            f"rank {rank}: the data gives no full step ({len(loader)} micro-batches, grad_accum {grad_accum})"
+        )
 
     # ---- optimizer, LR warmup, DeepSpeed (ZeRO stage from `plugin`)
     optimizer = torch.optim.AdamW(
@@ -106,7 +113,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         on_gpu=on_gpu,
     )
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config, dist_init_required=False
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        config=ds_config,
+        dist_init_required=False,
     )
 
     # ---- resume: Ray's latest checkpoint after a worker failure, else `load`
@@ -121,8 +132,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("resumed from %s at epoch %d step %d (global step %d)", resume_from, *_position(states))
 
     # ---- train
-    output_dir = cfg["output_dir"]
-    epochs = int(cfg.get("epochs", 1))
     loss_window: list[float] = []
     bucket_ids = {bucket: i for i, bucket in enumerate(loader.bucket_names)}
     logged_buckets: set[str] = set()
@@ -132,12 +141,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         loader.set_epoch(epoch)
         batches = iter(loader)  # starts after the micro-batches already consumed this epoch
+        last_batch = None
         for step in range(start_step, num_steps_per_epoch):
             step_start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
             step_loss, step_samples = 0.0, 0
             for micro in range(grad_accum):
                 batch = next(batches)
+                weight = 1.0
+                if batch is None:  # every sample failed to load: repeat the last batch with no effect,
+                    if last_batch is None:  # so all ranks still take part in each collective
+                        raise RuntimeError(f"rank {rank}: the first batch of epoch {epoch} failed to load")
+                    batch, weight = last_batch, 0.0
+                    log.warning(
+                        "rank %d: a batch failed to load; its place in step %d counts zero",
+                        rank,
+                        global_step + 1,
+                    )
+                last_batch = batch
                 # index of this micro-batch in the epoch's global order, independent of world size
                 order_index = ((step * grad_accum) + micro) * world_size + rank
                 step_seed = int(np.random.SeedSequence([seed, epoch, order_index]).generate_state(1)[0])
@@ -153,14 +174,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if mask_generator is not None:
                     mask = mask_generator.get_masks(x, mask_rng)
                     model_args["x_mask"] = mask
-                model_args.update({k: batch[k].to(device=device, dtype=dtype) for k in CONDITION_KEYS if k in batch})
+                model_args.update(
+                    {k: batch[k].to(device=device, dtype=dtype) for k in CONDITION_KEYS if k in batch}
+                )
                 loss = scheduler.training_losses(engine, x, model_args, mask=mask)["loss"].mean()
-                engine.backward(loss)
+                engine.backward(loss * weight)
                 engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
-                step_loss += loss.detach().float().item() / grad_accum
+                step_loss += weight * loss.detach().float().item() / grad_accum
                 step_samples += x.shape[0]
             if ema is not None:
-                update_ema(ema, engine.module, decay=float(cfg.get("ema_decay", 0.9999)))
+                update_ema(ema, engine.module, decay=ema_decay)
             global_step += 1
 
             # mean loss and total samples over all ranks
@@ -174,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             metrics: dict[str, float] = {}
             if global_step % log_every == 0 or at_end:
-                bucket = _bucket_name(batch)
+                bucket = loader.bucket_of(batch)
                 grad_norm = engine.get_global_grad_norm()
                 metrics = {
                     "loss": last_loss,
@@ -221,7 +244,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.info("saved checkpoint %s", saved)
                     if run_id:
                         tracking.set_tags(
-                            run_id, {"checkpoint.latest": str(saved), f"checkpoint.global_step{global_step}": str(saved)}
+                            run_id,
+                            {
+                                "checkpoint.latest": str(saved),
+                                f"checkpoint.global_step{global_step}": str(saved),
+                            },
                         )
                 _report({**metrics, "loss": last_loss, "global_step": float(global_step)}, saved, rank)
             elif metrics:
@@ -266,15 +293,6 @@ def _position(states: RunningStates) -> tuple[int, int, int]:
     return states.epoch, states.step, states.global_step
 
 
-def _bucket_name(batch: dict[str, Any]) -> str:
-    """The batch's bucket, e.g. "144p-17-0.56", or its shape when the data does not name it."""
-    if "bucket" in batch:
-        value = batch["bucket"]
-        return str(value[0] if isinstance(value, (list, tuple)) else value)
-    _, _, t, h, w = batch["video"].shape
-    return f"{t}x{h}x{w}"
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -282,16 +300,13 @@ def _seed_everything(seed: int) -> None:
 
 
 def _enable_grad_checkpoint(model: torch.nn.Module) -> None:
-    """Use the model's own switch (Open-Sora's `grad_checkpoint`); models without one run as they are."""
-    for name in ("enable_grad_checkpoint", "set_grad_checkpoint", "gradient_checkpointing_enable"):
-        switch = getattr(model, name, None)
-        if callable(switch):
-            switch()
-            return
+    """Turn on the model's activation checkpointing (Open-Sora's `grad_checkpoint`)."""
     if hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
         return
-    log.warning("grad_checkpoint=True but %s has no gradient checkpointing switch; ignored", type(model).__name__)
+    log.warning(
+        "grad_checkpoint=True but %s has no gradient checkpointing switch; ignored", type(model).__name__
+    )
 
 
 def _skip_deepspeed_shm_kernel() -> None:
@@ -300,8 +315,6 @@ def _skip_deepspeed_shm_kernel() -> None:
     Only tensor-parallel inference uses it (`inference_all_reduce`); training talks through gloo,
     so the compile is skipped. Newer DeepSpeed versions without the hook are left alone.
     """
-    import importlib
-
     # not `import deepspeed.comm.torch`: that name resolves to the torch package re-exported there
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch, "build_shm_op"):
@@ -312,7 +325,9 @@ def _skip_deepspeed_shm_kernel() -> None:
 # Data: the bucket snapshot through the bucket batch sampler, or synthetic clips without media.
 
 
-def build_batches(cfg: dict[str, Any], *, rank: int, world_size: int, seed: int) -> Any:
+def build_batches(
+    cfg: dict[str, Any], *, rank: int, world_size: int, seed: int
+) -> SnapshotBatches | SyntheticClips:
     """This rank's micro-batches: `len()`, `set_epoch`, resumable `state_dict` / `load_state_dict`."""
     if cfg.get("synthetic_data"):
         return SyntheticClips(**cfg["synthetic_data"], rank=rank, world_size=world_size, seed=seed)
@@ -320,51 +335,83 @@ def build_batches(cfg: dict[str, Any], *, rank: int, world_size: int, seed: int)
 
 
 class SnapshotBatches:
-    """Batches of decoded clips from a bucket snapshot; DataLoader workers do the decoding."""
+    """Batches of decoded clips from a bucket snapshot; DataLoader workers do the decoding.
+
+    A batch whose every sample failed to load comes out as None (see `collate_fn`).
+    """
 
     def __init__(self, cfg: dict[str, Any], *, rank: int, world_size: int, seed: int) -> None:
         from opensora_core.data.dataset import VariableVideoTextDataset
         from opensora_core.data.sampler import BucketBatchSampler
         from opensora_core.data.snapshot import open_snapshot
 
+        dataset_cfg = dict(cfg.get("dataset") or {})
+        if dataset_cfg.get("type", "VariableVideoTextDataset") != "VariableVideoTextDataset":
+            raise ConfigError(
+                f"dataset.type={dataset_cfg['type']!r}: training reads bucket snapshots; "
+                "use dataset.type='VariableVideoTextDataset'"
+            )
+        if not cfg.get("snapshot_dir"):
+            raise ConfigError(
+                "snapshot_dir: training needs a bucket snapshot (build one with `opensora bucket`)"
+            )
         snapshot = open_snapshot(cfg["snapshot_dir"])
-        dataset_cfg = {k: v for k, v in dict(cfg.get("dataset") or {}).items() if k not in ("type", "data_path")}
-        self.dataset = VariableVideoTextDataset(snapshot, **dataset_cfg)
+        buckets = snapshot.manifest.buckets
+        if not buckets:
+            raise ConfigError(
+                f"bucket snapshot {snapshot.path}: no bucket kept any sample; check bucket_config"
+            )
+        self.dataset = VariableVideoTextDataset(
+            snapshot,
+            frame_interval=int(dataset_cfg.get("frame_interval", 1) or 1),
+            transform_name=dataset_cfg.get("transform_name") or "resize_crop",
+            seed=seed,
+        )
+        # the sampler's seed is the snapshot's, so epoch 0 uses the buckets drawn at build time
         self.sampler = BucketBatchSampler(
-            snapshot, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+            snapshot, num_replicas=world_size, rank=rank, sp_size=int(cfg.get("sp_size", 1)), drop_last=True
         )
         self.num_workers = int(cfg.get("num_workers", 2))
-        self.bucket_names = [b.key.id for b in snapshot.manifest.buckets]
-        self.max_batch_size = max(b.batch_size for b in snapshot.manifest.buckets)
+        self.bucket_names = [b.key.id for b in buckets]
+        self._names = {f"{b.num_frames}-{b.height}-{b.width}": b.key.id for b in buckets}
+        self.max_batch_size = max(b.batch_size for b in buckets)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        from opensora_core.data.dataset import collate_fn
+
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
             num_workers=self.num_workers,
+            collate_fn=collate_fn,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
         )
         return iter(loader)
 
+    def bucket_of(self, batch: dict[str, Any]) -> str:
+        """The batch's bucket id, e.g. "144p-17-0.56"."""
+        shape = batch["bucket"][0]
+        return self._names.get(shape, shape)
+
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
 
-    def state_dict(self, num_steps: int) -> dict[str, Any]:
-        return self.sampler.state_dict(num_steps)
+    def state_dict(self, num_batches: int) -> dict[str, Any]:
+        return self.sampler.state_dict(num_batches)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
 
 
 class SyntheticClips:
-    """Random clips and captions in a fixed-shape bucket, split across ranks like the bucket sampler.
+    """Random clips and captions of one shape, split across ranks like the bucket sampler.
 
     Micro-batch i of an epoch is a pure function of (seed, epoch, i); rank r of R takes
-    i = it * R + r, so any world size sees the same global steps.
+    i = step * R + r, so any world size sees the same global steps.
     """
 
     def __init__(
@@ -383,38 +430,44 @@ class SyntheticClips:
         self.num_batches, self.batch_size = num_batches, batch_size
         self.shape = (3, num_frames, height, width)
         self.fps, self.rank, self.world_size, self.seed = fps, rank, world_size, seed
-        self.epoch, self.start_index = 0, 0
+        self.epoch, self.start = 0, 0
         self.max_batch_size = batch_size
-        self.bucket_names = [f"{num_frames}x{height}x{width}"]
+        self.bucket_names = [f"{num_frames}-{height}-{width}"]
 
     def __len__(self) -> int:
         return self.num_batches // self.world_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        start, self.start_index = self.start_index, 0  # a restored position applies to one pass
-        for it in range(start, len(self)):
-            index = it * self.world_size + self.rank
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
-            video = torch.rand(self.batch_size, *self.shape, generator=generator) * 2 - 1
-            _, t, h, w = self.shape
+        start, self.start = self.start, 0  # a restored position applies to one pass
+        _, t, h, w = self.shape
+        n = self.batch_size
+        for step in range(start, len(self)):
+            index = step * self.world_size + self.rank
+            generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            )
             yield {
-                "video": video,
-                "text": [f"synthetic clip {index}-{j}" for j in range(self.batch_size)],
-                "num_frames": torch.full((self.batch_size,), t),
-                "height": torch.full((self.batch_size,), h),
-                "width": torch.full((self.batch_size,), w),
-                "ar": torch.full((self.batch_size,), h / w),
-                "fps": torch.full((self.batch_size,), self.fps),
+                "video": torch.rand(n, *self.shape, generator=generator) * 2 - 1,
+                "text": [f"synthetic clip {index}-{j}" for j in range(n)],
+                "num_frames": torch.full((n,), t),
+                "height": torch.full((n,), h),
+                "width": torch.full((n,), w),
+                "ar": torch.full((n,), h / w),
+                "fps": torch.full((n,), self.fps),
+                "bucket": [self.bucket_names[0]] * n,
             }
+
+    def bucket_of(self, batch: dict[str, Any]) -> str:
+        return batch["bucket"][0]
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.start_index = 0  # a restored position belongs to the epoch it was saved in
+            self.start = 0  # a restored position belongs to the epoch it was saved in
         self.epoch = epoch
 
-    def state_dict(self, num_steps: int) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "last_micro_batch_access_index": num_steps * self.world_size}
+    def state_dict(self, num_batches: int) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed_batches": num_batches * self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
-        self.start_index = int(state["last_micro_batch_access_index"]) // self.world_size
+        self.start = int(state["consumed_batches"]) // self.world_size

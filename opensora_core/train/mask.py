@@ -41,7 +41,9 @@ class MaskGenerator:
         ratios: dict[str, float] = {}
         for name, value in mask_ratios.items():
             if name not in MASK_NAMES:
-                raise ConfigError(f"mask_ratios[{name!r}]: unknown mask; valid names: {', '.join(MASK_NAMES)}")
+                raise ConfigError(
+                    f"mask_ratios[{name!r}]: unknown mask; valid names: {', '.join(MASK_NAMES)}"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"mask_ratios[{name!r}]={value!r}: must be a number in [0, 1]")
             ratios[name] = float(value)
