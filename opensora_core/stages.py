@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -52,16 +50,6 @@ def scan_stage(cfg: ValidatedConfig, *, output: Path | None = None, progress: bo
     return result.metadata_path, result
 
 
-def bucket_config_hash(cfg: ValidatedConfig) -> str:
-    """Hash of the keys that decide bucket assignment: a changed hash means a new snapshot."""
-    relevant = {
-        "bucket_config": repr(sorted((k, sorted(v.items())) for k, v in (cfg.raw.get("bucket_config") or {}).items())),
-        "frame_interval": _frame_interval(cfg),
-        "dataset.type": cfg.dataset.type,
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _frame_interval(cfg: ValidatedConfig) -> int:
     return int(cfg.dataset.options.get("frame_interval", 1) or 1)
 
@@ -70,7 +58,7 @@ def build_buckets(
     cfg: ValidatedConfig, meta: Path, root: Path | None = None, *, seed: int | None = None, epoch: int = 0
 ) -> Any:
     """Assign every sample of `meta` to its bucket with Ray Data; write a snapshot under `root`."""
-    from opensora_core.data.snapshot import build_snapshot
+    from opensora_core.data.snapshot import bucket_config_hash, build_snapshot
 
     if cfg.bucket_config is None:
         raise ConfigError("bucket_config: required to build bucket snapshots")
@@ -81,7 +69,7 @@ def build_buckets(
         frame_interval=_frame_interval(cfg),
         seed=cfg.training.seed if seed is None else seed,
         epoch=epoch,
-        config_hash=bucket_config_hash(cfg),
+        config_hash=bucket_config_hash(cfg.bucket_config, _frame_interval(cfg)),
         num_workers=cfg.training.num_bucket_build_workers,
     )
 

@@ -374,6 +374,14 @@ def _probe_in_pool(paths: list[str], workers: int, advance) -> list[_ProbeOutcom
         while pending:
             failed = _run_chunks(pending, workers, marker_dir, outcomes, advance)
             in_progress = _read_markers(marker_dir)
+            if failed and not in_progress and not _pool_starts():
+                # The pool itself cannot start (e.g. an unguarded __main__ under forkserver): that says
+                # nothing about the files, so probe the rest here rather than call them corrupt.
+                logger.warning("probe worker processes cannot start; probing in this process instead")
+                for path in (p for c in failed for p in c):
+                    outcomes.append(probe_outcome(path))
+                    advance(1)
+                break
             if failed and not in_progress.intersection(p for c in failed for p in c):
                 in_progress = {p for c in failed for p in c}  # culprit unknown: isolate everything left
             suspects.extend(p for c in failed for p in c if p in in_progress)
@@ -402,6 +410,15 @@ def _run_chunks(
                 except BrokenProcessPool:
                     failed.append(futures[fut])
     return failed
+
+
+def _pool_starts() -> bool:
+    """Whether a one-worker pool can run a trivial call at all."""
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=_mp_context()) as pool:
+            return pool.submit(os.getpid).result(timeout=60) > 0
+    except Exception:
+        return False
 
 
 def _read_markers(marker_dir: str) -> set[str]:
