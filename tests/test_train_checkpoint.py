@@ -29,7 +29,12 @@ MODEL_TYPE = "STDiT3-XL/2"
 @pytest.fixture(scope="module", autouse=True)
 def one_process_group():
     """A world of one on gloo, adopted by DeepSpeed as in the training loop."""
-    env = {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}  # as Ray Train sets them
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }  # as Ray Train sets them
     old = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     with socket.socket() as s:
@@ -99,10 +104,18 @@ def train(engine, ema, steps: int, start: int) -> list[float]:
 
 
 def save(engine, ema, out, global_step):
-    states = RunningStates(epoch=0, step=global_step, global_step=global_step, batch_size=2, model_type=MODEL_TYPE)
+    states = RunningStates(
+        epoch=0, step=global_step, global_step=global_step, batch_size=2, model_type=MODEL_TYPE
+    )
     sampler_state = {"seed": 1, "epoch": 0, "consumed_batches": global_step}
     return save_checkpoint(
-        out, engine=engine, ema=ema, sampler_state=sampler_state, states=states, config_text="lr = 0.01\n", rank=0
+        out,
+        engine=engine,
+        ema=ema,
+        sampler_state=sampler_state,
+        states=states,
+        config_text="lr = 0.01\n",
+        rank=0,
     )
 
 
@@ -115,7 +128,14 @@ def test_checkpoint_holds_every_part_under_its_step_name(tmp_path):
     assert path == tmp_path / "epoch0-global_step2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0-global_step2"]
     names = {p.name for p in path.iterdir()}
-    assert {"model.safetensors", "ema.safetensors", "ds", "sampler.json", "running_states.json", "config.py"} <= names
+    assert {
+        "model.safetensors",
+        "ema.safetensors",
+        "ds",
+        "sampler.json",
+        "running_states.json",
+        "config.py",
+    } <= names
     assert "rng_state_rank0.pt" in names
     assert json.loads((path / "running_states.json").read_text()) == {
         "epoch": 0,
@@ -198,3 +218,19 @@ def test_missing_checkpoint_names_the_path(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(CheckpointError, match="running_states.json"):
         read_running_states(tmp_path / "half")
+
+
+def test_start_from_scratch_keeps_weights_but_not_the_position(tmp_path):
+    engine = make_engine(0)
+    ema = create_ema(engine.module)
+    train(engine, ema, 3, 0)
+    path = save(engine, ema, tmp_path, 3)
+
+    fresh = make_engine(123)
+    sampler = Sampler()
+    load_checkpoint(
+        path, fresh, create_ema(fresh.module), sampler, model_type=MODEL_TYPE, restore_position=False
+    )
+    assert torch.equal(fresh.module.proj.weight, engine.module.proj.weight)
+    assert sampler.state is None
+    assert fresh.lr_scheduler.last_epoch == 0

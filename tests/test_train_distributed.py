@@ -32,7 +32,9 @@ def tiny_config(pretrained, **overrides) -> Config:
                 freeze_y_embedder=True,
             ),
             vae=dict(type="VideoAutoencoderKL", from_pretrained=str(pretrained.vae), local_files_only=True),
-            text_encoder=dict(type="t5", from_pretrained=str(pretrained.t5), model_max_length=8, local_files_only=True),
+            text_encoder=dict(
+                type="t5", from_pretrained=str(pretrained.t5), model_max_length=8, local_files_only=True
+            ),
             scheduler=dict(type="rflow", use_timestep_transform=True, sample_method="logit-normal"),
             mask_ratios={"random": 0.2, "quarter_head": 0.2, "image_head": 0.2},
             synthetic_data=dict(num_batches=6, batch_size=2, num_frames=2, height=32, width=32),
@@ -66,7 +68,11 @@ def env(tmp_path_factory):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             experiment = mlflow.MlflowClient().create_experiment("train-tests")
-            yield {"root": root, "experiment": experiment, "pretrained": create_tiny_pretrained(root / "pretrained")}
+            yield {
+                "root": root,
+                "experiment": experiment,
+                "pretrained": create_tiny_pretrained(root / "pretrained"),
+            }
         finally:
             ray.shutdown()
 
@@ -147,7 +153,9 @@ def test_mlflow_run_has_step_metrics_bucket_and_checkpoint_tags(two_workers):
     result, run_id = two_workers
     data = mlflow.MlflowClient().get_run(run_id).data
     assert {"loss", "lr", "grad_norm", "samples_per_s", "step_time", "bucket"} <= set(data.metrics)
-    lrs = [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    lrs = [
+        m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, "lr"), key=lambda m: m.step)
+    ]
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])  # warmup_steps=2, then constant
     assert data.tags["bucket.0"] == "2-32-32"
     assert data.tags["checkpoint.latest"] == result.checkpoint
@@ -158,3 +166,27 @@ def test_resumed_run_repeats_the_uninterrupted_losses(two_workers, resumed):
     assert len(after_resume) == STEPS - 2
     assert after_resume == pytest.approx(uninterrupted[2:], rel=1e-6, abs=0)
     assert resumed[0].global_step == STEPS
+
+
+def test_checkpoint_of_another_model_type_is_refused_before_launch(env, two_workers):
+    from opensora_core.errors import CheckpointError
+    from opensora_core.train import train
+
+    cfg = tiny_config(env["pretrained"], load=two_workers[0].checkpoint)
+    cfg.model.type = "STDiT3-3B/2"
+    with pytest.raises(CheckpointError, match="STDiT3-XL/2"):
+        train(
+            cfg, snapshot_dir=None, output_dir=str(env["root"] / "refused"), mlflow_run_id=None, num_workers=2
+        )
+
+
+def test_a_users_error_in_a_worker_reaches_the_caller_as_itself(env):
+    from opensora_core.errors import CheckpointError
+    from opensora_core.train import train
+
+    cfg = tiny_config(env["pretrained"])
+    cfg.vae.from_pretrained = str(env["root"] / "no-such-vae")
+    with pytest.raises(CheckpointError, match="no-such-vae"):
+        train(
+            cfg, snapshot_dir=None, output_dir=str(env["root"] / "broken"), mlflow_run_id=None, num_workers=1
+        )

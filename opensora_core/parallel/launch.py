@@ -24,9 +24,10 @@ def connect_ray(ray_address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    # "local" rather than None: None would also join any cluster found under /tmp/ray
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, log_to_driver=True)
-    log.info("Ray: %s", "connected to " + address if address else "started a local instance")
+    log.info("Ray: %s", "started a local instance" if address == "local" else f"connected to {address}")
 
 
 def cluster_has_gpus(num_workers: int) -> bool:
@@ -52,7 +53,8 @@ def run_training(
 
     `resume_from` (a checkpoint directory) becomes the loop's `load` key. After a worker failure
     Ray restarts the workers (up to `max_failures` times) and the loop resumes from the latest
-    reported checkpoint.
+    reported checkpoint. An error a user can act on (`OpenSoraError`: a bad config key, a missing
+    checkpoint) raised in a worker is re-raised here as itself rather than wrapped by Ray.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -78,4 +80,26 @@ def run_training(
             worker_runtime_env={"env_vars": env},
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as err:
+        user_error = worker_user_error(err)
+        if user_error is not None:
+            raise user_error from None
+        raise
+
+
+def worker_user_error(err: BaseException) -> BaseException | None:
+    """The first `OpenSoraError` (lowest rank) behind a Ray Train failure, if there is one."""
+    from opensora_core.errors import OpenSoraError
+
+    failures = getattr(err, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        seen: set[int] = set()
+        current: BaseException | None = failure
+        while current is not None and id(current) not in seen:
+            if isinstance(current, OpenSoraError):
+                return current
+            seen.add(id(current))
+            current = getattr(current, "cause", None) or current.__cause__
+    return None

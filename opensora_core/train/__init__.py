@@ -40,18 +40,24 @@ def train(
     resumes from a checkpoint directory. `use_gpu=None` uses GPUs when the Ray cluster has one
     per worker.
     """
+    from opensora_core.errors import CheckpointError
     from opensora_core.parallel.launch import cluster_has_gpus, connect_ray, run_training
     from opensora_core.train.checkpoint import read_running_states
     from opensora_core.train.loop import train_loop_per_worker
 
     raw = getattr(cfg, "raw", cfg)
-    config: dict[str, Any] = raw.to_dict()
+    config: dict[str, Any] = absolute_paths(raw.to_dict())
     config_text = raw.pretty_text
-    if config.get("load"):
-        read_running_states(config["load"])  # fail here, before any worker starts, on a bad path
+    if config.get("load"):  # fail here, before any worker starts, on a bad path or another model
+        states = read_running_states(config["load"])
+        if states.model_type != config["model"]["type"]:
+            raise CheckpointError(
+                f"load={config['load']}: checkpoint of model {states.model_type!r}, "
+                f"but model.type is {config['model']['type']!r}"
+            )
     exp_dir = new_experiment_dir(output_dir, config["model"]["type"])
     config.update(
-        snapshot_dir=snapshot_dir,
+        snapshot_dir=str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
         output_dir=str(exp_dir),
         mlflow_run_id=mlflow_run_id,
         config_text=config_text,
@@ -86,6 +92,19 @@ def train(
         elapsed=elapsed,
         exp_dir=str(exp_dir),
     )
+
+
+def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """Config paths are relative to the caller's working directory (as in Open-Sora); Ray workers run
+    elsewhere, so local paths that exist here are made absolute. Hub names are left as they are."""
+    config = dict(config)
+    for section in ("model", "vae", "text_encoder"):
+        part = config.get(section)
+        if isinstance(part, dict) and part.get("from_pretrained") and Path(part["from_pretrained"]).exists():
+            config[section] = {**part, "from_pretrained": str(Path(part["from_pretrained"]).resolve())}
+    if config.get("load"):
+        config["load"] = str(Path(config["load"]).resolve())
+    return config
 
 
 def new_experiment_dir(output_dir: str | Path, model_type: str) -> Path:

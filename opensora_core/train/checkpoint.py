@@ -140,10 +140,13 @@ def load_checkpoint(
     *,
     model_type: str | None = None,
     rank: int = 0,
+    restore_position: bool = True,
 ) -> RunningStates:
     """Restore model, optimizer, LR scheduler, EMA, sampler position and this rank's RNG states.
 
     Every rank calls this. `model_type` (the config's model.type) must match the checkpoint's.
+    `restore_position=False` (Open-Sora's `start_from_scratch`) keeps the weights, EMA and optimizer
+    moments but not the LR schedule, sampler position or RNG states.
     """
     path = Path(path)
     states = read_running_states(path)
@@ -153,7 +156,7 @@ def load_checkpoint(
             "load a checkpoint of the same model type (or set model.from_pretrained to start from weights)"
         )
     try:
-        load_path, _ = engine.load_checkpoint(str(path / "ds"))
+        load_path, _ = engine.load_checkpoint(str(path / "ds"), load_lr_scheduler_states=restore_position)
     except RuntimeError as err:  # shape mismatches: same type name, different sizes
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: weights do not fit the configured model: {first_line}") from None
@@ -162,6 +165,8 @@ def load_checkpoint(
     if ema is not None and (path / "ema.safetensors").is_file():
         # non-strict as in Open-Sora: an EMA saved before a model change keeps what still fits
         ema.load_state_dict(load_file(str(path / "ema.safetensors")), strict=False)
+    if not restore_position:
+        return states
     if sampler is not None and (path / "sampler.json").is_file():
         sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
     rng_file = path / states.rng_states.format(rank=rank)

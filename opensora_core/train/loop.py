@@ -39,6 +39,7 @@ CONDITION_KEYS = ("num_frames", "height", "width", "ar", "fps")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train on this worker's share of the data; every rank of the Ray Train worker group runs this."""
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -63,6 +64,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log_every, ckpt_every = int(cfg.get("log_every", 10)), int(cfg.get("ckpt_every", 0) or 0)
     output_dir = cfg["output_dir"]
     run_id = cfg.get("mlflow_run_id") if rank == 0 and os.environ.get("MLFLOW_TRACKING_URI") else None
+    if int(cfg.get("sp_size", 1)) > 1:
+        raise ConfigError(
+            f"sp_size={cfg['sp_size']}: sequence parallelism (plugin='zero2-seq') is not wired into the "
+            "training loop yet; use plugin='zero2' with sp_size=1"
+        )
     _seed_everything(seed)
 
     # Ray Train already created the process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it.
@@ -125,8 +131,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray_checkpoint = ray.train.get_checkpoint()
     resume_from = ray_checkpoint.path if ray_checkpoint is not None else cfg.get("load")
     if resume_from:
-        states = load_checkpoint(resume_from, engine, ema, loader, model_type=cfg["model"]["type"], rank=rank)
-        if not cfg.get("start_from_scratch"):
+        # start_from_scratch (with `load`): the weights and optimizer moments, but step 0 of epoch 0
+        from_scratch = ray_checkpoint is None and bool(cfg.get("start_from_scratch"))
+        states = load_checkpoint(
+            resume_from,
+            engine,
+            ema,
+            loader,
+            model_type=cfg["model"]["type"],
+            rank=rank,
+            restore_position=not from_scratch,
+        )
+        if not from_scratch:
             start_epoch, start_step, global_step = states.epoch, states.step, states.global_step
         if rank == 0:
             log.info("resumed from %s at epoch %d step %d (global step %d)", resume_from, *_position(states))
