@@ -10,14 +10,26 @@ from prefect.cache_policies import NO_CACHE
 
 from opensora_core import stages, tracking
 from opensora_core.config import ValidatedConfig, load_config
+from opensora_core.errors import OpenSoraError
 
 
 def stage_config(config: str, overrides: dict | None, cfg_options: list[str] | None) -> ValidatedConfig:
     return load_config(config, overrides or {}, cfg_options=cfg_options, mode="train")
 
 
-# Transient failures (a service restarting, a Ray worker lost) are retried; config errors are not.
-RETRYABLE = {"retries": 2, "retry_delay_seconds": 10}
+def is_transient(task, task_run, state) -> bool:
+    """Retry unless the failure is the user's to fix (a config, media or checkpoint error)."""
+    try:
+        state.result()
+    except OpenSoraError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+# Transient failures (a service restarting, a Ray worker lost) are retried; user errors are not.
+RETRYABLE = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": is_transient}
 
 
 @task(name="scan", cache_policy=NO_CACHE, **RETRYABLE)
@@ -49,11 +61,22 @@ def build_buckets(
     with tracking.stage_run("bucket", parent_run_id=parent_run_id) as run_id:
         info = stages.build_buckets(cfg, Path(meta))
         logger.info("bucket snapshot %s\n%s", info.path, format_report(info.manifest))
+        manifest = info.manifest
         if run_id:
-            tracking.set_tags(run_id, {"bucket_snapshot": info.manifest["snapshot_id"]})
+            tracking.set_tags(run_id, {"bucket_snapshot": manifest.snapshot_id})
+            tracking.log_metrics(
+                run_id,
+                {
+                    "samples": manifest.num_samples,
+                    "samples_kept": manifest.num_kept,
+                    "buckets": len(manifest.buckets),
+                    "batches": manifest.num_batches,
+                },
+                step=manifest.epoch,
+            )
             tracking.log_artifact(run_id, Path(info.path) / "manifest.json", artifact_path="buckets")
         if parent_run_id:
-            tracking.set_tags(parent_run_id, {"bucket_snapshot": info.manifest["snapshot_id"]})
+            tracking.set_tags(parent_run_id, {"bucket_snapshot": manifest.snapshot_id})
     return str(info.path)
 
 

@@ -344,7 +344,8 @@ def build_snapshot(
     running for later builds). `num_workers` caps concurrent Ray tasks (None: Ray decides); `num_blocks` repartitions the
     metadata into that many blocks. The shards are byte-identical whatever either is.
     """
-    meta_path, root = Path(meta_path), Path(root)
+    # Absolute: Ray tasks run in their own working directories.
+    meta_path, root = Path(meta_path).resolve(), Path(root).resolve()
     schema = _metadata_schema(meta_path)
     rows = _assign_in_ray(
         meta_path, bucket_cfg, frame_interval, seed, epoch, num_workers, num_blocks, progress
