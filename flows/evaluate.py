@@ -10,7 +10,11 @@ from tasks.stages import evaluate_checkpoint
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(config: str, checkpoint: str, cfg_options: list[str] | None = None) -> list[str]:
-    parent = tracking.start_run("evaluate", tags={"checkpoint": checkpoint}) if tracking.tracking_enabled() else None
+    parent = (
+        tracking.start_run("evaluate", tags={"checkpoint": checkpoint})
+        if tracking.tracking_enabled()
+        else None
+    )
     try:
         samples = evaluate_checkpoint(config, {}, cfg_options, checkpoint, parent)
     except BaseException:

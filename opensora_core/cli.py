@@ -66,7 +66,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
         num_workers=ns.num_train_workers,
         ray_address=ns.ray_address,
     )
-    print(json.dumps({"checkpoint": result.checkpoint, "global_step": result.global_step, "loss": result.final_loss}))
+    print(
+        json.dumps(
+            {"checkpoint": result.checkpoint, "global_step": result.global_step, "loss": result.final_loss}
+        )
+    )
     return 0
 
 
@@ -130,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(show)
     add_train_args(show)
     add_sample_args(show)
-    show.add_argument("--mode", choices=("train", "sample"), help="default: train if the config has a dataset")
+    show.add_argument(
+        "--mode", choices=("train", "sample"), help="default: train if the config has a dataset"
+    )
     show.set_defaults(func=cmd_config_show)
 
     scan = sub.add_parser("scan", help="probe media headers into a metadata table")
@@ -153,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on Ray Train + DeepSpeed")
     add_common_args(train)
     add_train_args(train)
-    train.add_argument("--snapshot", help="bucket snapshot to train on (default: scan + bucket dataset.data_path)")
+    train.add_argument(
+        "--snapshot", help="bucket snapshot to train on (default: scan + bucket dataset.data_path)"
+    )
     train.add_argument("--num-train-workers", type=int, help="Ray Train workers (config: num_train_workers)")
     train.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     train.set_defaults(func=cmd_train)
@@ -182,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("OPENSORA_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("OPENSORA_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
+    )
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)

@@ -25,14 +25,18 @@ def data_source(cfg: ValidatedConfig) -> Path:
     """dataset.data_path as a path that exists (a media folder, a CSV, or a scanned .parquet)."""
     raw = cfg.dataset.options.get("data_path") if cfg.dataset else None
     if not raw:
-        raise ConfigError("dataset.data_path: not set; pass --data-path (a media folder, a path,text CSV or a .parquet)")
+        raise ConfigError(
+            "dataset.data_path: not set; pass --data-path (a media folder, a path,text CSV or a .parquet)"
+        )
     path = resolve_path(raw)
     if not path.exists():
         raise ConfigError(f"dataset.data_path={raw!r}: {path} does not exist")
     return path
 
 
-def scan_stage(cfg: ValidatedConfig, *, output: Path | None = None, progress: bool = True) -> tuple[Path, Any]:
+def scan_stage(
+    cfg: ValidatedConfig, *, output: Path | None = None, progress: bool = True
+) -> tuple[Path, Any]:
     """Probe dataset.data_path into the metadata table: returns (metadata path, ScanResult).
 
     A `.parquet` data_path is taken as an already scanned table (the ScanResult is then None).
@@ -46,7 +50,9 @@ def scan_stage(cfg: ValidatedConfig, *, output: Path | None = None, progress: bo
     output = output or metadata_path(cfg)
     result = scan(source, output, workers=cfg.training.num_bucket_build_workers, progress=progress)
     if result.n_ok == 0:
-        raise ConfigError(f"dataset.data_path={str(source)!r}: no readable media found (see {result.errors_path})")
+        raise ConfigError(
+            f"dataset.data_path={str(source)!r}: no readable media found (see {result.errors_path})"
+        )
     return result.metadata_path, result
 
 

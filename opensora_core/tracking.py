@@ -122,7 +122,9 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 @contextmanager
-def stage_run(stage: str, *, parent_run_id: str | None, tags: Mapping[str, str] | None = None) -> Iterator[str | None]:
+def stage_run(
+    stage: str, *, parent_run_id: str | None, tags: Mapping[str, str] | None = None
+) -> Iterator[str | None]:
     """A child run for one stage, ended FAILED if the stage raises. Yields None when MLflow is off."""
     if not tracking_enabled():
         yield None

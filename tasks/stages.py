@@ -33,7 +33,9 @@ RETRYABLE = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": is_t
 
 
 @task(name="scan", cache_policy=NO_CACHE, **RETRYABLE)
-def scan_media(config: str, overrides: dict | None, cfg_options: list[str] | None, parent_run_id: str | None) -> str:
+def scan_media(
+    config: str, overrides: dict | None, cfg_options: list[str] | None, parent_run_id: str | None
+) -> str:
     """Probe the dataset's media headers into the metadata table; returns its path."""
     logger = get_run_logger()
     cfg = stage_config(config, overrides, cfg_options)
@@ -42,7 +44,9 @@ def scan_media(config: str, overrides: dict | None, cfg_options: list[str] | Non
         if result is not None:
             logger.info("scan: %s", result.summary())
             if run_id:
-                tracking.log_metrics(run_id, {"files_ok": result.n_ok, "files_error": result.n_errors}, step=0)
+                tracking.log_metrics(
+                    run_id, {"files_ok": result.n_ok, "files_error": result.n_errors}, step=0
+                )
                 tracking.log_artifact(run_id, result.errors_path, artifact_path="metadata")
         if run_id:
             tracking.log_artifact(run_id, meta, artifact_path="metadata")
@@ -82,7 +86,11 @@ def build_buckets(
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(
-    config: str, overrides: dict | None, cfg_options: list[str] | None, snapshot: str, parent_run_id: str | None
+    config: str,
+    overrides: dict | None,
+    cfg_options: list[str] | None,
+    snapshot: str,
+    parent_run_id: str | None,
 ) -> dict:
     """Train on Ray Train (workers on the cluster at RAY_ADDRESS); returns the last checkpoint."""
     logger = get_run_logger()
@@ -93,13 +101,22 @@ def train_model(
         result = stages.run_training(
             cfg, snapshot=snapshot, mlflow_run_id=run_id, ray_address=os.environ.get("RAY_ADDRESS")
         )
-        logger.info("trained to global step %s, loss %.4f: %s", result.global_step, result.final_loss, result.checkpoint)
+        logger.info(
+            "trained to global step %s, loss %.4f: %s",
+            result.global_step,
+            result.final_loss,
+            result.checkpoint,
+        )
     return {"checkpoint": result.checkpoint, "global_step": result.global_step, "train_run_id": run_id}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **RETRYABLE)
 def evaluate_checkpoint(
-    config: str, overrides: dict | None, cfg_options: list[str] | None, checkpoint: str, parent_run_id: str | None
+    config: str,
+    overrides: dict | None,
+    cfg_options: list[str] | None,
+    checkpoint: str,
+    parent_run_id: str | None,
 ) -> list[str]:
     """Sample the config's eval prompts from a checkpoint; the videos go to MLflow."""
     from opensora_core.sample.evaluate import evaluate_checkpoint as evaluate
@@ -107,6 +124,8 @@ def evaluate_checkpoint(
     logger = get_run_logger()
     cfg = stage_config(config, overrides, cfg_options)
     with tracking.stage_run("evaluate", parent_run_id=parent_run_id) as run_id:
-        result = evaluate(cfg, checkpoint, Path(checkpoint).parent / "eval", mlflow_run_id=run_id, progress=False)
+        result = evaluate(
+            cfg, checkpoint, Path(checkpoint).parent / "eval", mlflow_run_id=run_id, progress=False
+        )
         logger.info("evaluation samples: %s (%.1fs)", result.samples, result.sampling_seconds)
     return result.samples

@@ -80,7 +80,20 @@ def test_data_path_sets_dataset_data_path() -> None:
 
 
 def test_training_args_set_top_level_keys() -> None:
-    argv = ["train", "x.py", "--seed", "7", "--batch-size", "3", "--lr", "0.5", "--load", "ck", "--wandb", "true"]
+    argv = [
+        "train",
+        "x.py",
+        "--seed",
+        "7",
+        "--batch-size",
+        "3",
+        "--lr",
+        "0.5",
+        "--load",
+        "ck",
+        "--wandb",
+        "true",
+    ]
     cfg = load_config(REPO / "configs/opensora-v1-2/train/stage1.py", parse(argv))
     assert (cfg.training.seed, cfg.training.batch_size, cfg.training.lr) == (7, 3, 0.5)
     assert cfg.training.load == "ck" and cfg.training.wandb is True
@@ -135,11 +148,17 @@ def test_cfg_options_without_equals_is_a_config_error() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ('model = dict(type="STDiT9-XL/2")', r"model.type='STDiT9-XL/2' is unknown; valid types: .*STDiT3-XL/2"),
+        (
+            'model = dict(type="STDiT9-XL/2")',
+            r"model.type='STDiT9-XL/2' is unknown; valid types: .*STDiT3-XL/2",
+        ),
         ('vae = dict(type="MyVAE")', r"vae.type='MyVAE' is unknown; valid types: .*VideoAutoencoderKL"),
         ('text_encoder = dict(type="bert")', r"text_encoder.type='bert' is unknown; valid types: t5, clip"),
         ('scheduler = dict(type="ddim")', r"scheduler.type='ddim' is unknown; valid types: .*rflow"),
-        ('dataset = dict(type="ImageNet")', r"dataset.type='ImageNet' is unknown; valid types: VariableVideoTextDataset"),
+        (
+            'dataset = dict(type="ImageNet")',
+            r"dataset.type='ImageNet' is unknown; valid types: VariableVideoTextDataset",
+        ),
         ('bucket_config = {"240p": {16: (1.5, 8)}}', r'bucket_config\["240p"\]\[16\].*keep_prob.*\[0, 1\]'),
         ('bucket_config = {"240p": {16: (-0.1, 8)}}', r'bucket_config\["240p"\]\[16\].*keep_prob'),
         ('bucket_config = {"240p": {16: (0.5, None)}}', r'bucket_config\["240p"\]\[16\].*batch'),
@@ -152,7 +171,9 @@ def test_cfg_options_without_equals_is_a_config_error() -> None:
         ('mask_ratios = {"identity": 0.5, "quarter_nope": 0.5}', r"mask_ratios.*quarter_nope"),
     ],
 )
-def test_bad_training_values_raise_one_line_errors_naming_the_key(tmp_path: Path, edit: str, message: str) -> None:
+def test_bad_training_values_raise_one_line_errors_naming_the_key(
+    tmp_path: Path, edit: str, message: str
+) -> None:
     path = write(tmp_path, TRAIN_BASE + edit + "\n")
     with pytest.raises(ConfigError, match=message) as err:
         load_config(path)
@@ -186,7 +207,9 @@ def test_config_with_a_python_error_names_the_file(tmp_path: Path) -> None:
 
 
 def test_config_show_prints_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli_main(["config", "show", str(REPO / "configs/opensora-v1-2/train/stage1.py"), "--ckpt-path", "w.pt"])
+    code = cli_main(
+        ["config", "show", str(REPO / "configs/opensora-v1-2/train/stage1.py"), "--ckpt-path", "w.pt"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "from_pretrained='w.pt'" in out

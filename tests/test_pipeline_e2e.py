@@ -150,7 +150,9 @@ def test_mlflow_holds_config_params_loss_series_and_the_sample(pipeline_run: dic
     assert parent.data.params["model.hidden_size"] == "64"
     assert any(a.path == "config" for a in client.list_artifacts(parent.info.run_id))
 
-    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == {"scan", "bucket", "train", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in children.values())
 

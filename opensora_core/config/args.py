@@ -40,7 +40,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--wandb", type=str2bool, nargs="?", const=True, help="also log to Weights & Biases")
     parser.add_argument("--load", help="checkpoint directory to resume from")
-    parser.add_argument("--start-from-scratch", action="store_true", help="with --load: reset the data position")
+    parser.add_argument(
+        "--start-from-scratch", action="store_true", help="with --load: reset the data position"
+    )
     parser.add_argument("--warmup-steps", type=int, help="linear LR warmup steps")
 
 

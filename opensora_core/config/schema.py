@@ -131,7 +131,9 @@ def _component(cfg: Config, key: str, valid: tuple[str, ...], *, required: bool)
     section = cfg.get(key)
     if section is None:
         if required:
-            raise ConfigError(f"{key}: missing; expected {key} = dict(type=..., ...) with type one of {_fmt(valid)}")
+            raise ConfigError(
+                f"{key}: missing; expected {key} = dict(type=..., ...) with type one of {_fmt(valid)}"
+            )
         return None
     if not isinstance(section, (dict, ConfigDict)):
         raise ConfigError(f"{key}: expected a dict(type=..., ...), got {type(section).__name__}")
@@ -213,17 +215,23 @@ def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:
     image_size = cfg.get("image_size")
     if image_size is not None:
         if len(image_size) != 2 or any(not isinstance(v, int) or v < 16 for v in image_size):
-            raise ConfigError(f"image_size={tuple(image_size)!r}: expected (height, width), two integers >= 16")
+            raise ConfigError(
+                f"image_size={tuple(image_size)!r}: expected (height, width), two integers >= 16"
+            )
         image_size = (int(image_size[0]), int(image_size[1]))
     resolution = cfg.get("resolution")
     aspect_ratio = cfg.get("aspect_ratio")
     if image_size is None:
         if resolution is None or aspect_ratio is None:
-            raise ConfigError("image_size: missing; set image_size = (H, W) or both resolution and aspect_ratio")
+            raise ConfigError(
+                "image_size: missing; set image_size = (H, W) or both resolution and aspect_ratio"
+            )
         if resolution not in RESOLUTIONS:
             raise ConfigError(f"resolution={resolution!r} is unknown; valid: {_fmt(RESOLUTIONS)}")
         if aspect_ratio not in ASPECT_RATIO_MAP:
-            raise ConfigError(f"aspect_ratio={aspect_ratio!r} is unknown; valid: {_fmt(tuple(ASPECT_RATIO_MAP))}")
+            raise ConfigError(
+                f"aspect_ratio={aspect_ratio!r} is unknown; valid: {_fmt(tuple(ASPECT_RATIO_MAP))}"
+            )
         get_image_size(resolution, aspect_ratio)  # the pair must exist in the resolution's table
     num_frames = cfg.get("num_frames")
     if num_frames is not None:
@@ -266,7 +274,13 @@ def _int(cfg: Config, key: str, default: int | None, *, minimum: int | None = No
 
 
 def _float(
-    cfg: Config, key: str, default: float, *, low: float | None = None, high: float | None = None, low_open: bool = False
+    cfg: Config,
+    key: str,
+    default: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
 ) -> float:
     value = cfg.get(key, default)
     if value is None:

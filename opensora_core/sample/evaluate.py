@@ -75,7 +75,9 @@ def checkpoint_weights(checkpoint: Path) -> Path:
     for name in ("ema.safetensors", "model.safetensors"):
         if (checkpoint / name).is_file():
             return checkpoint / name
-    raise CheckpointError(f"{checkpoint}: no ema.safetensors or model.safetensors; is it a complete checkpoint?")
+    raise CheckpointError(
+        f"{checkpoint}: no ema.safetensors or model.safetensors; is it a complete checkpoint?"
+    )
 
 
 def evaluate_checkpoint(

@@ -99,7 +99,13 @@ def generate(
     z = torch.randn(len(prompts), parts.vae.out_channels, *latent_size, generator=generator)
     z = z.to(device=parts.device, dtype=parts.dtype)
     condition = model_condition(
-        len(prompts), num_frames=num_frames, height=height, width=width, fps=fps, device=parts.device, dtype=parts.dtype
+        len(prompts),
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        fps=fps,
+        device=parts.device,
+        dtype=parts.dtype,
     )
     latents = parts.scheduler.sample(
         parts.model,

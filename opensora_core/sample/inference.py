@@ -20,7 +20,9 @@ def load_prompts(cfg: ValidatedConfig) -> list[str]:
     elif raw.get("prompt_path"):
         path = Path(raw.prompt_path)
         if not path.is_file():
-            raise ConfigError(f"prompt_path={raw.prompt_path!r}: file not found; give --prompt or an existing file")
+            raise ConfigError(
+                f"prompt_path={raw.prompt_path!r}: file not found; give --prompt or an existing file"
+            )
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         raise ConfigError("prompt / prompt_path: neither is set; pass --prompt TEXT or --prompt-path FILE")

@@ -37,8 +37,9 @@ def save_sample(sample: torch.Tensor, path: str | Path, *, fps: float = 24.0) ->
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
-    import av
     from fractions import Fraction
+
+    import av
 
     # yuv420p needs even sides: drop a trailing row/column rather than resample.
     t, h, w, _ = frames.shape
@@ -51,7 +52,9 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "veryfast"}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
