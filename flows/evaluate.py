@@ -10,6 +10,7 @@ from tasks.stages import evaluate_checkpoint
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(config: str, checkpoint: str, cfg_options: list[str] | None = None) -> list[str]:
+    """`checkpoint`: one checkpoint directory, or a run directory to evaluate every checkpoint in it."""
     parent = (
         tracking.start_run("evaluate", tags={"checkpoint": checkpoint})
         if tracking.tracking_enabled()

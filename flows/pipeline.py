@@ -36,7 +36,15 @@ def train_pipeline(
         meta = scan_media(config, overrides, cfg_options, parent)
         snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
         trained = train_model(config, overrides, cfg_options, snapshot, parent)
-        samples = evaluate_checkpoint(config, overrides, cfg_options, trained["checkpoint"], parent)
+        # Every checkpoint the run wrote, logged to the training run under its step.
+        samples = evaluate_checkpoint(
+            config,
+            overrides,
+            cfg_options,
+            trained["exp_dir"] or trained["checkpoint"],
+            parent,
+            trained["train_run_id"],
+        )
     except BaseException:
         if parent:
             tracking.end_run(parent, "FAILED")

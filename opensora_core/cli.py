@@ -41,12 +41,14 @@ def cmd_scan(ns: argparse.Namespace) -> int:
 
 def cmd_bucket(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
-    from opensora_core.data.snapshot import format_report, open_snapshot
+    from opensora_core.data.snapshot import REPORT_PLOT_NAME, format_report, open_snapshot
     from opensora_core.stages import build_buckets
 
     if ns.report:
         snap = open_snapshot(ns.output)
         print(format_report(snap.manifest))
+        if (snap.path / REPORT_PLOT_NAME).is_file():
+            print(f"plot: {snap.path / REPORT_PLOT_NAME}")
         return 0
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
     info = build_buckets(cfg, Path(ns.meta), Path(ns.output), seed=ns.seed, epoch=ns.epoch)
@@ -76,13 +78,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
-    from opensora_core.sample.evaluate import evaluate_checkpoint
+    from opensora_core.sample.evaluate import evaluate_checkpoints, find_checkpoints
 
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
-    out = ns.output or str(Path(ns.checkpoint).parent / "eval")
-    result = evaluate_checkpoint(cfg, ns.checkpoint, out, mlflow_run_id=ns.mlflow_run_id)
-    for path in result.samples:
-        print(path)
+    out = ns.output or str(find_checkpoints(ns.checkpoint)[0].parent / "eval")
+    runs = [ns.mlflow_run_id] if ns.mlflow_run_id else []
+    for result in evaluate_checkpoints(cfg, ns.checkpoint, out, mlflow_run_ids=runs):
+        for path in result.samples:
+            print(path)
     return 0
 
 
@@ -168,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="sample the eval prompts from a checkpoint")
     evaluate.add_argument("config")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (epochE-global_stepG)")
+    evaluate.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint (epochE-global_stepG) or a run directory: all its checkpoints",
+    )
     evaluate.add_argument("--output", help="where samples go (default: beside the checkpoint)")
     evaluate.add_argument("--mlflow-run-id", help="log the samples to this MLflow run")
     evaluate.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")

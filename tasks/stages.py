@@ -79,6 +79,7 @@ def build_buckets(
                 step=manifest.epoch,
             )
             tracking.log_artifact(run_id, Path(info.path) / "manifest.json", artifact_path="buckets")
+            tracking.log_artifact(run_id, Path(info.path) / "report.png", artifact_path="buckets")
         if parent_run_id:
             tracking.set_tags(parent_run_id, {"bucket_snapshot": manifest.snapshot_id})
     return str(info.path)
@@ -107,7 +108,12 @@ def train_model(
             result.final_loss,
             result.checkpoint,
         )
-    return {"checkpoint": result.checkpoint, "global_step": result.global_step, "train_run_id": run_id}
+    return {
+        "checkpoint": result.checkpoint,
+        "global_step": result.global_step,
+        "exp_dir": result.exp_dir,
+        "train_run_id": run_id,
+    }
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **RETRYABLE)
@@ -117,15 +123,28 @@ def evaluate_checkpoint(
     cfg_options: list[str] | None,
     checkpoint: str,
     parent_run_id: str | None,
+    train_run_id: str | None = None,
 ) -> list[str]:
-    """Sample the config's eval prompts from a checkpoint; the videos go to MLflow."""
-    from opensora_core.sample.evaluate import evaluate_checkpoint as evaluate
+    """Sample the config's eval prompts from a checkpoint, or from every checkpoint of a run directory.
+
+    Samples and sampling time go to the evaluate child run and, when given, to the training run
+    under each checkpoint's step, so runs compare side by side in the MLflow UI.
+    """
+    from opensora_core.sample.evaluate import evaluate_checkpoints, find_checkpoints
 
     logger = get_run_logger()
     cfg = stage_config(config, overrides, cfg_options)
+    first = find_checkpoints(checkpoint)[0]
     with tracking.stage_run("evaluate", parent_run_id=parent_run_id) as run_id:
-        result = evaluate(
-            cfg, checkpoint, Path(checkpoint).parent / "eval", mlflow_run_id=run_id, progress=False
+        runs = [r for r in (run_id, train_run_id) if r]
+        results = evaluate_checkpoints(
+            cfg, checkpoint, first.parent / "eval", mlflow_run_ids=runs, progress=False
         )
-        logger.info("evaluation samples: %s (%.1fs)", result.samples, result.sampling_seconds)
-    return result.samples
+        for result in results:
+            logger.info(
+                "step %d: %d samples in %.1fs",
+                result.global_step,
+                len(result.samples),
+                result.sampling_seconds,
+            )
+    return [path for result in results for path in result.samples]

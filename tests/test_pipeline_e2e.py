@@ -166,3 +166,11 @@ def test_mlflow_holds_config_params_loss_series_and_the_sample(pipeline_run: dic
     assert any(path.endswith(".mp4") for path in files), files
     local = client.download_artifacts(eval_run, next(p for p in files if p.endswith(".mp4")))
     assert Path(local).stat().st_size > 1000
+
+    # Every checkpoint is evaluated and logged to the training run under its own step.
+    train_run = children["train"].info.run_id
+    steps = sorted(m.step for m in client.get_metric_history(train_run, "eval/sampling_seconds"))
+    assert steps and len(steps) == len(set(steps)), steps
+    train_eval = sorted(d.path for d in client.list_artifacts(train_run, "eval"))
+    assert train_eval == [f"eval/step_{step:06d}" for step in steps]
+    assert sorted(d.path for d in step_dirs) == train_eval

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 def sample_config(tmp_path: Path, tiny, **extra: object) -> Path:
     lines = [
         f'_base_ = ["{REPO / "configs/opensora-v1-2/inference/sample.py"}"]',
-        'model = dict(hidden_size=32, depth=1, num_heads=2, from_pretrained=None, enable_flash_attn=False,'
+        "model = dict(hidden_size=32, depth=1, num_heads=2, from_pretrained=None, enable_flash_attn=False,"
         " enable_layernorm_kernel=False)",
         f'vae = dict(_delete_=True, type="VideoAutoencoderKL", from_pretrained="{tiny.vae}", local_files_only=True)',
         f'text_encoder = dict(from_pretrained="{tiny.t5}", model_max_length=8, local_files_only=True)',
@@ -42,7 +42,9 @@ def sample_config(tmp_path: Path, tiny, **extra: object) -> Path:
 
 def test_sample_writes_named_mp4s_with_the_requested_frames_and_fps(tmp_path: Path, tiny) -> None:
     config = sample_config(tmp_path, tiny, num_frames=5, fps=24, frame_interval=1, save_fps=12)
-    code = cli_main(["sample", str(config), "--prompt", "a red square", "a blue circle", "--sample-name", "t"])
+    code = cli_main(
+        ["sample", str(config), "--prompt", "a red square", "a blue circle", "--sample-name", "t"]
+    )
     assert code == 0
     files = sorted((tmp_path / "samples").iterdir())
     assert [f.name for f in files] == ["t_0000.mp4", "t_0001.mp4"]

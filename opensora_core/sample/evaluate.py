@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,12 +117,52 @@ def evaluate_checkpoint(
     result.sampling_seconds = time.perf_counter() - start
     (out_dir / "prompts.json").write_text(json.dumps(settings.prompts, indent=2))
     if mlflow_run_id:
-        for path in result.samples:
-            tracking.log_artifact(mlflow_run_id, path, artifact_path=f"eval/step_{step:06d}")
-        tracking.log_metrics(
-            mlflow_run_id,
-            {"eval/sampling_seconds": result.sampling_seconds, "eval/num_samples": len(result.samples)},
-            step=step,
-        )
+        log_eval_result(mlflow_run_id, result)
     log.info("evaluated %s: %d samples in %.1fs", checkpoint, len(result.samples), result.sampling_seconds)
     return result
+
+
+def log_eval_result(run_id: str, result: EvalResult) -> None:
+    """Samples under eval/step_{G} and the sampling time at step G, so runs line up by step in MLflow."""
+    step = result.global_step
+    for path in result.samples:
+        tracking.log_artifact(run_id, path, artifact_path=f"eval/step_{step:06d}")
+    tracking.log_metrics(
+        run_id,
+        {"eval/sampling_seconds": result.sampling_seconds, "eval/num_samples": len(result.samples)},
+        step=step,
+    )
+
+
+def find_checkpoints(path: str | Path) -> list[Path]:
+    """`path` itself if it is a checkpoint, else the complete `epoch*-global_step*` checkpoints in it
+    (a training run's exp dir), in global-step order."""
+    from opensora_core.train.checkpoint import RUNNING_STATES
+
+    path = Path(path)
+    if (path / RUNNING_STATES).is_file():
+        return [path]
+    found = [c for c in path.glob("epoch*-global_step*") if (c / RUNNING_STATES).is_file()]
+    if not found:
+        raise CheckpointError(
+            f"{path}: neither a checkpoint nor a run directory with epoch*-global_step* checkpoints"
+        )
+    return sorted(found, key=checkpoint_step)
+
+
+def evaluate_checkpoints(
+    config: ValidatedConfig,
+    path: str | Path,
+    output_dir: str | Path,
+    *,
+    mlflow_run_ids: Sequence[str] = (),
+    progress: bool = True,
+) -> list[EvalResult]:
+    """Evaluate every checkpoint `find_checkpoints(path)` finds; each result goes to every given run."""
+    results = []
+    for checkpoint in find_checkpoints(path):
+        result = evaluate_checkpoint(config, checkpoint, output_dir, progress=progress)
+        for run_id in mlflow_run_ids:
+            log_eval_result(run_id, result)
+        results.append(result)
+    return results

@@ -80,6 +80,52 @@ def model_condition(batch: int, *, num_frames: int, height: int, width: int, fps
     }
 
 
+def initial_noise(
+    parts: Components, batch: int, *, num_frames: int, image_size: tuple[int, int], generator: torch.Generator
+) -> torch.Tensor:
+    """Gaussian latents [B, C, T, h, w] for `num_frames` pixel frames of `image_size`, drawn on the CPU."""
+    latent_size = parts.vae.get_latent_size((num_frames, *image_size))
+    z = torch.randn(batch, parts.vae.out_channels, *latent_size, generator=generator)
+    return z.to(device=parts.device, dtype=parts.dtype)
+
+
+@torch.no_grad()
+def denoise(
+    parts: Components,
+    z: torch.Tensor,
+    prompts: list[str],
+    *,
+    num_frames: int,
+    image_size: tuple[int, int],
+    fps: int,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Run the scheduler from `z` to clean latents; `mask` [B, T_latent] keeps condition frames."""
+    height, width = image_size
+    condition = model_condition(
+        len(prompts),
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        fps=fps,
+        device=parts.device,
+        dtype=parts.dtype,
+    )
+    return parts.scheduler.sample(
+        parts.model,
+        parts.text_encoder,
+        z=z,
+        prompts=prompts,
+        device=parts.device,
+        additional_args=condition,
+        mask=mask,
+        progress=progress,
+        generator=generator,
+    )
+
+
 @torch.no_grad()
 def generate(
     parts: Components,
@@ -93,29 +139,17 @@ def generate(
     progress: bool = True,
 ) -> torch.Tensor:
     """Prompts -> pixel samples [B, 3, T, H, W] in [-1, 1]; the same seed gives the same samples."""
-    height, width = image_size
-    latent_size = parts.vae.get_latent_size((num_frames, height, width))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(len(prompts), parts.vae.out_channels, *latent_size, generator=generator)
-    z = z.to(device=parts.device, dtype=parts.dtype)
-    condition = model_condition(
-        len(prompts),
+    z = initial_noise(parts, len(prompts), num_frames=num_frames, image_size=image_size, generator=generator)
+    latents = denoise(
+        parts,
+        z,
+        prompts,
         num_frames=num_frames,
-        height=height,
-        width=width,
+        image_size=image_size,
         fps=fps,
-        device=parts.device,
-        dtype=parts.dtype,
-    )
-    latents = parts.scheduler.sample(
-        parts.model,
-        parts.text_encoder,
-        z=z,
-        prompts=prompts,
-        device=parts.device,
-        additional_args=condition,
+        generator=generator,
         mask=mask,
         progress=progress,
-        generator=generator,
     )
     return parts.vae.decode(latents.to(parts.dtype), num_frames=num_frames).float()
