@@ -80,6 +80,23 @@ def build_buckets(
     )
 
 
+def check_buckets(
+    cfg: ValidatedConfig, meta: Path, root: Path | None = None, *, seed: int | None = None, epoch: int = 0
+) -> Any:
+    """Whether the current snapshot under `root` still matches `meta` and the bucket settings (a SnapshotCheck)."""
+    from opensora_core.data.snapshot import bucket_config_hash, check_snapshot
+
+    if cfg.bucket_config is None:
+        raise ConfigError("bucket_config: required to build bucket snapshots")
+    return check_snapshot(
+        root or snapshot_root(cfg),
+        meta,
+        bucket_config_hash(cfg.bucket_config, _frame_interval(cfg)),
+        seed=cfg.training.seed if seed is None else seed,
+        epoch=epoch,
+    )
+
+
 def run_training(
     cfg: ValidatedConfig,
     *,

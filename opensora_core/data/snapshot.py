@@ -3,6 +3,7 @@
 Layout of a snapshot directory (immutable once written; `ROOT/CURRENT` names the live one):
 
     ROOT/<snapshot_id>/manifest.json
+    ROOT/<snapshot_id>/report.png      (samples per resolution x num_frames, aspect-ratio histogram)
     ROOT/<snapshot_id>/bucket_res=240p/bucket_frames=16/bucket_ar=0.56/part-00000.parquet
     ROOT/<snapshot_id>/sitting_out/part-00000.parquet      (rows no bucket kept this epoch)
 
@@ -21,6 +22,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +39,7 @@ from opensora_core.errors import ConfigError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+REPORT_PLOT_NAME = "report.png"
 CURRENT_NAME = "CURRENT"
 SITTING_OUT_DIR = "sitting_out"
 BUCKET_COLUMNS = ("bucket_res", "bucket_frames", "bucket_ar", "bucket_height", "bucket_width")
@@ -294,10 +297,15 @@ def metadata_fingerprint(table: pa.Table) -> str:
     part = part.take(pc.sort_indices(part, sort_keys=[(c, "ascending") for c in present]))
     digest = hashlib.sha256()
     for name in present:
-        values = part[name].to_pylist()
-        digest.update(
-            name.encode() + b"\x00" + "\x00".join("" if v is None else str(v) for v in values).encode()
-        )
+        # "\x00".join(str(v) for v in column), nulls as "", joined by Arrow rather than in Python
+        text = pc.fill_null(part[name].combine_chunks().cast(pa.large_string()), "")
+        offsets = pa.array([0, len(text)], type=pa.int64())
+        joined = pc.binary_join(
+            pa.LargeListArray.from_arrays(offsets, text), pa.scalar("\x00", pa.large_string())
+        )[0]
+        digest.update(name.encode() + b"\x00")
+        if (buffer := joined.as_buffer()) is not None:  # None: an empty column
+            digest.update(buffer)
     return digest.hexdigest()[:16]
 
 
@@ -367,30 +375,40 @@ def build_snapshot(
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{snapshot_id}-{uuid.uuid4().hex[:8]}"
     try:
-        buckets = []
-        for lo, hi in zip(bounds, bounds[1:], strict=False):
-            part = rows.slice(lo, hi - lo)
-            res, t, ar, h, w = (part[c][0].as_py() for c in BUCKET_COLUMNS)
-            bs = bucket_cfg.batch_size(res, t)
-            directory = tmp / f"bucket_res={res}" / f"bucket_frames={t}" / f"bucket_ar={ar}"
-            files = _write_rows(part, directory, tmp, rows_per_file)
-            buckets.append(BucketStats(res, t, ar, h, w, hi - lo, int(bs), (hi - lo) // int(bs), files))
-        sitting_out = _write_rows(rows.slice(num_kept), tmp / SITTING_OUT_DIR, tmp, rows_per_file)
-        manifest = Manifest(
-            snapshot_id=snapshot_id,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            config_hash=config_hash,
-            metadata_fingerprint=fingerprint,
-            metadata_path=str(meta_path.resolve()),
-            seed=seed,
-            epoch=epoch,
-            frame_interval=frame_interval,
-            bucket_config=bucket_config_to_json(bucket_cfg),
-            num_samples=rows.num_rows,
-            num_kept=num_kept,
-            buckets=tuple(buckets),
-            sitting_out_files=sitting_out,
-        )
+        stats, shards = [], []
+        # pyarrow writes without the GIL: shards (and the report plot) are written by all cores.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for lo, hi in zip(bounds, bounds[1:], strict=False):
+                part = rows.slice(lo, hi - lo)
+                res, t, ar, h, w = (part[c][0].as_py() for c in BUCKET_COLUMNS)
+                bs = int(bucket_cfg.batch_size(res, t))  # type: ignore[arg-type]
+                directory = tmp / f"bucket_res={res}" / f"bucket_frames={t}" / f"bucket_ar={ar}"
+                stats.append(BucketStats(res, t, ar, h, w, hi - lo, bs, (hi - lo) // bs))
+                shards.append(pool.submit(_write_rows, part, directory, tmp, rows_per_file))
+            sitting_out_shards = pool.submit(
+                _write_rows, rows.slice(num_kept), tmp / SITTING_OUT_DIR, tmp, rows_per_file
+            )
+            manifest = Manifest(
+                snapshot_id=snapshot_id,
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                config_hash=config_hash,
+                metadata_fingerprint=fingerprint,
+                metadata_path=str(meta_path.resolve()),
+                seed=seed,
+                epoch=epoch,
+                frame_interval=frame_interval,
+                bucket_config=bucket_config_to_json(bucket_cfg),
+                num_samples=rows.num_rows,
+                num_kept=num_kept,
+                buckets=tuple(stats),
+            )
+            plot = pool.submit(write_report_plot, manifest, tmp / REPORT_PLOT_NAME)  # needs no file names
+            manifest = replace(
+                manifest,
+                buckets=tuple(replace(b, files=f.result()) for b, f in zip(stats, shards, strict=True)),
+                sitting_out_files=sitting_out_shards.result(),
+            )
+            plot.result()
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         final = root / snapshot_id
         suffix = 1
@@ -453,3 +471,70 @@ def format_report(manifest: Manifest) -> str:
         f"({manifest.num_sitting_out} sit out this epoch), {manifest.num_batches} full batches",
     ]
     return "\n".join(out)
+
+
+def write_report_plot(manifest: Manifest, path: str | Path) -> Path:
+    """PNG of a snapshot: samples per (resolution, num_frames) heat map and an aspect-ratio histogram."""
+    from opensora_core.data.bucket_plot import plot_bucket_report
+
+    return plot_bucket_report(manifest, Path(path))
+
+
+# --- scheduled rebuilds --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotCheck:
+    """How the metadata and bucket settings compare with the snapshot `root/CURRENT` names."""
+
+    root: Path
+    current: Manifest | None  # None: no complete snapshot yet
+    config_hash: str
+    metadata_fingerprint: str
+    seed: int
+    epoch: int
+    changes: tuple[str, ...]  # why a rebuild is needed; empty when the current snapshot is up to date
+
+    @property
+    def is_current(self) -> bool:
+        return not self.changes
+
+
+def read_metadata_fingerprint(meta_path: str | Path) -> str:
+    """`metadata_fingerprint` of a metadata table on disk, as `build_snapshot` records it."""
+    meta_path = Path(meta_path)
+    schema = _metadata_schema(meta_path)
+    present = [c for c in FINGERPRINT_COLUMNS if c in schema.names]
+    table = pads.dataset(str(meta_path), format="parquet", partitioning="hive").to_table(columns=present)
+    return metadata_fingerprint(table.cast(pa.schema([schema.field(c) for c in present])))
+
+
+def check_snapshot(
+    root: str | Path, meta_path: str | Path, config_hash: str, *, seed: int, epoch: int
+) -> SnapshotCheck:
+    """Compare `meta_path` and the bucket settings with the current snapshot under `root`.
+
+    A rebuild is needed when there is no current snapshot, or when the metadata fingerprint
+    (paths, sizes, mtimes), the bucket config hash, the seed or the epoch differ from its manifest.
+    """
+    root = Path(root)
+    fingerprint = read_metadata_fingerprint(meta_path)
+    try:
+        current: Manifest | None = open_snapshot(root).manifest
+    except ConfigError:
+        current = None
+    if current is None:
+        changes: tuple[str, ...] = (f"no current snapshot under {root}",)
+    else:
+        wanted = {
+            "metadata_fingerprint": fingerprint,
+            "config_hash": config_hash,
+            "seed": seed,
+            "epoch": epoch,
+        }
+        changes = tuple(
+            f"{name} {getattr(current, name)} -> {value}"
+            for name, value in wanted.items()
+            if getattr(current, name) != value
+        )
+    return SnapshotCheck(root, current, config_hash, fingerprint, seed, epoch, changes)
