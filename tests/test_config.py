@@ -168,6 +168,7 @@ def test_cfg_options_without_equals_is_a_config_error() -> None:
         ("lr = -1.0", r"lr=-1.0: must be > 0"),
         ("epochs = 0", r"epochs=0: must be >= 1"),
         ("num_train_workers = 2\nsp_size = 3", r"sp_size=3 must divide num_train_workers=2"),
+        ("num_train_workers = 3\nsp_size = 3", r"sp_size=3 must divide model.num_heads=16"),
         ('mask_ratios = {"identity": 0.5, "quarter_nope": 0.5}', r"mask_ratios.*quarter_nope"),
     ],
 )

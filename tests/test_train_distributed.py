@@ -50,8 +50,8 @@ def tiny_config(pretrained, **overrides) -> Config:
             max_steps=STEPS,
             log_every=1,
             ckpt_every=2,
-            **overrides,
         )
+        | overrides
     )
 
 
@@ -190,3 +190,75 @@ def test_a_users_error_in_a_worker_reaches_the_caller_as_itself(env):
         train(
             cfg, snapshot_dir=None, output_dir=str(env["root"] / "broken"), mlflow_run_id=None, num_workers=1
         )
+
+
+@pytest.fixture(scope="module")
+def sequence_parallel(env):
+    """2 workers as one SP group (dp_size 1) accumulating 2 micro-batches: one_worker's global batch."""
+    return run(env, "sequence-parallel", 2, plugin="zero2-seq", sp_size=2, grad_accum=2)
+
+
+def test_sp2_run_matches_one_process_with_the_same_global_batch(sequence_parallel, one_worker):
+    split, single = losses(sequence_parallel[1]), losses(one_worker[1])
+    assert len(split) == STEPS
+    assert split == pytest.approx(single, rel=LOSS_TOLERANCE, abs=0)
+    assert sequence_parallel[0].global_step == STEPS
+
+
+def test_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(env, two_workers):
+    """Rank 1 dies as the step-4 checkpoint starts (rank 0 is half-way through writing it); Ray Train
+    restarts both workers from the step-2 checkpoint and the run finishes with whole checkpoints only."""
+    import mlflow
+
+    from opensora_core.parallel.launch import run_training
+    from opensora_core.train import absolute_paths, new_experiment_dir
+
+    def train_loop_killing_rank1_once(config):
+        # runs in the Ray worker: a fresh process per attempt, so `calls` restarts with it
+        import os
+        from pathlib import Path
+
+        from opensora_core.train import loop
+
+        marker, original, calls = Path(config["kill_marker"]), loop.save_checkpoint, []
+
+        def save_or_die(*args, **kwargs):
+            calls.append(kwargs["states"].global_step)
+            if kwargs["rank"] == 1 and len(calls) == 2 and not marker.exists():
+                marker.write_text(f"killed rank 1 at global step {calls[-1]}\n")
+                os._exit(1)
+            return original(*args, **kwargs)
+
+        loop.save_checkpoint = save_or_die
+        loop.train_loop_per_worker(config)
+
+    run_id = mlflow.MlflowClient().create_run(env["experiment"], run_name="killed").info.run_id
+    config = absolute_paths(tiny_config(env["pretrained"]).to_dict())
+    exp_dir = new_experiment_dir(env["root"] / "killed", config["model"]["type"])
+    marker = env["root"] / "killed.marker"
+    config.update(snapshot_dir=None, output_dir=str(exp_dir), mlflow_run_id=run_id, kill_marker=str(marker))
+    result = run_training(
+        train_loop_killing_rank1_once,
+        config,
+        num_workers=2,
+        use_gpu=False,
+        ray_address=None,
+        storage_path=str(exp_dir.parent),
+        run_name=exp_dir.name,
+        max_failures=1,
+    )
+
+    assert result.error is None
+    assert marker.read_text() == "killed rank 1 at global step 4\n"
+    assert result.checkpoint.path == str(exp_dir / "epoch1-global_step4")
+    saved = sorted(p.name for p in exp_dir.iterdir() if p.name.startswith(("epoch", ".tmp")))
+    assert saved == ["epoch0-global_step2", "epoch1-global_step4"]  # the half-written .tmp- is gone
+    for name in saved:
+        assert (exp_dir / name / "running_states.json").is_file()
+    # the first attempt logged steps 1-4, the restart steps 3-4 again: each time the uninterrupted loss
+    uninterrupted = losses(two_workers[1])
+    logged = sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, "loss"))
+    assert [step for step, _ in logged] == [1, 2, 3, 3, 4, 4]
+    assert [value for _, value in logged] == pytest.approx(
+        [uninterrupted[step - 1] for step, _ in logged], rel=LOSS_TOLERANCE, abs=0
+    )

@@ -182,6 +182,8 @@ def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
             f"sp_size={sp_size} must divide num_train_workers={num_train_workers}; "
             f"valid sp_size values: {[d for d in range(1, num_train_workers + 1) if num_train_workers % d == 0]}"
         )
+    if sp_size > 1:
+        _check_heads_for_sequence_parallel(cfg, sp_size)
     return TrainingSettings(
         seed=_int(cfg, "seed", 1024),
         outputs=str(cfg.get("outputs", "outputs")),
@@ -207,6 +209,18 @@ def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
         load=cfg.get("load"),
         start_from_scratch=bool(cfg.get("start_from_scratch", False)),
     )
+
+
+def _check_heads_for_sequence_parallel(cfg: Config, sp_size: int) -> None:
+    """Ulysses gives each SP rank num_heads / sp_size attention heads (the preset's when unset)."""
+    from opensora_core.models.stdit3 import STDIT3_MODELS
+    from opensora_core.parallel.sequence import check_heads_divisible
+
+    model = cfg.get("model") or {}
+    preset = STDIT3_MODELS.get(model.get("type"))
+    num_heads = model.get("num_heads") or (preset.keywords.get("num_heads") if preset else None)
+    if num_heads is not None:
+        check_heads_divisible(int(num_heads), sp_size)
 
 
 def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:

@@ -9,6 +9,10 @@ timesteps, noise) and the mask RNG are seeded from (seed, epoch, index of the mi
 epoch's global order). A step therefore draws the same numbers whatever the number of workers
 (2 workers x 1 micro-batch = 1 worker x 2 accumulated micro-batches) and a resumed run repeats the
 losses of an uninterrupted one.
+
+Sequence parallelism (`sp_size` > 1, plugin "zero2-seq"): consecutive ranks form an SP group that
+reads the same batch and draws the same numbers (data and seeds follow the data-parallel rank);
+`opensora_core.parallel.sequence` splits each sample's tokens across the group.
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ import torch
 import torch.distributed as dist
 
 from opensora_core.errors import ConfigError
-from opensora_core.train.checkpoint import RunningStates, load_checkpoint, save_checkpoint
+from opensora_core.parallel.sequence import (
+    apply_sequence_parallel,
+    new_sequence_parallel_groups,
+    parallel_layout,
+)
+from opensora_core.train.checkpoint import (
+    RunningStates,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from opensora_core.train.ema import create_ema, update_ema
 from opensora_core.train.lr import build_lr_scheduler
 from opensora_core.train.mask import MaskGenerator
@@ -64,11 +78,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log_every, ckpt_every = int(cfg.get("log_every", 10)), int(cfg.get("ckpt_every", 0) or 0)
     output_dir = cfg["output_dir"]
     run_id = cfg.get("mlflow_run_id") if rank == 0 and os.environ.get("MLFLOW_TRACKING_URI") else None
-    if int(cfg.get("sp_size", 1)) > 1:
-        raise ConfigError(
-            f"sp_size={cfg['sp_size']}: sequence parallelism (plugin='zero2-seq') is not wired into the "
-            "training loop yet; use plugin='zero2' with sp_size=1"
-        )
+    sp_size = int(cfg.get("sp_size", 1))
+    layout = parallel_layout(rank, world_size, sp_size)  # data and seeds follow layout.dp_rank
     _seed_everything(seed)
 
     # Ray Train already created the process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it.
@@ -90,11 +101,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _enable_grad_checkpoint(model)
     model = model.to(device).train()
     ema = create_ema(model) if rank == 0 else None  # fp32; only rank 0 saves it
+    if sp_size > 1:  # after the EMA copy: the EMA model runs whole, never sequence parallel
+        sp_group, _ = new_sequence_parallel_groups(layout)
+        apply_sequence_parallel(model, sp_group)
     scheduler = build_scheduler(dict(cfg["scheduler"]))
     mask_generator = MaskGenerator(cfg["mask_ratios"]) if cfg.get("mask_ratios") else None
 
     # ---- data: this rank's share of every global step
-    loader = build_batches(cfg, rank=rank, world_size=world_size, seed=seed)
+    loader = build_batches(cfg, rank=rank, world_size=world_size, sp_size=sp_size, seed=seed)
     num_steps_per_epoch = len(loader) // grad_accum
     if num_steps_per_epoch == 0:
         raise RuntimeError(
@@ -115,7 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         float(cfg.get("grad_clip", 0.0) or 0.0),
         micro_batch_size=loader.max_batch_size,
         grad_accum=grad_accum,
-        sp_size=int(cfg.get("sp_size", 1)),
+        sp_size=sp_size,
         on_gpu=on_gpu,
     )
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
@@ -126,13 +140,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
-    # ---- resume: Ray's latest checkpoint after a worker failure, else `load`
+    # ---- resume: the run's latest checkpoint after a worker failure, else `load`
     start_epoch = start_step = global_step = 0
+    # A restarted worker group may see no Ray checkpoint when a worker died before Ray registered
+    # the last report, so the run's own directory is searched too (a new run's directory is empty).
     ray_checkpoint = ray.train.get_checkpoint()
-    resume_from = ray_checkpoint.path if ray_checkpoint is not None else cfg.get("load")
+    own_checkpoint = ray_checkpoint.path if ray_checkpoint is not None else latest_checkpoint(output_dir)
+    resume_from = own_checkpoint or cfg.get("load")
     if resume_from:
         # start_from_scratch (with `load`): the weights and optimizer moments, but step 0 of epoch 0
-        from_scratch = ray_checkpoint is None and bool(cfg.get("start_from_scratch"))
+        from_scratch = own_checkpoint is None and bool(cfg.get("start_from_scratch"))
         states = load_checkpoint(
             resume_from,
             engine,
@@ -175,8 +192,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         global_step + 1,
                     )
                 last_batch = batch
-                # index of this micro-batch in the epoch's global order, independent of world size
-                order_index = ((step * grad_accum) + micro) * world_size + rank
+                # index of this micro-batch in the epoch's global order, independent of world size;
+                # the ranks of one SP group share it (same batch, same noise and timesteps)
+                order_index = ((step * grad_accum) + micro) * layout.dp_size + layout.dp_rank
                 step_seed = int(np.random.SeedSequence([seed, epoch, order_index]).generate_state(1)[0])
                 torch.manual_seed(step_seed)
                 mask_rng = random.Random(step_seed)
@@ -202,8 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 update_ema(ema, engine.module, decay=ema_decay)
             global_step += 1
 
-            # mean loss and total samples over all ranks
-            totals = torch.tensor([step_loss, float(step_samples)], dtype=torch.float64)
+            # mean loss and total samples over all ranks (each SP group's ranks hold the same samples)
+            totals = torch.tensor([step_loss, float(step_samples) / sp_size], dtype=torch.float64)
             dist.all_reduce(totals)
             last_loss = totals[0].item() / world_size
             loss_window.append(last_loss)
@@ -266,9 +284,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 f"checkpoint.global_step{global_step}": str(saved),
                             },
                         )
+                # Ray hears of checkpoints only: its report is a barrier costing ~1 s on a small CPU
+                # run, and the step metrics already go to MLflow
                 _report({**metrics, "loss": last_loss, "global_step": float(global_step)}, saved, rank)
-            elif metrics:
-                _report(metrics, None, rank)
             if done:
                 break
         start_step = 0
@@ -342,11 +360,17 @@ def _skip_deepspeed_shm_kernel() -> None:
 
 
 def build_batches(
-    cfg: dict[str, Any], *, rank: int, world_size: int, seed: int
+    cfg: dict[str, Any], *, rank: int, world_size: int, seed: int, sp_size: int = 1
 ) -> SnapshotBatches | SyntheticClips:
-    """This rank's micro-batches: `len()`, `set_epoch`, resumable `state_dict` / `load_state_dict`."""
+    """This rank's micro-batches: `len()`, `set_epoch`, resumable `state_dict` / `load_state_dict`.
+
+    The `sp_size` consecutive ranks of a sequence-parallel group get the same batches.
+    """
     if cfg.get("synthetic_data"):
-        return SyntheticClips(**cfg["synthetic_data"], rank=rank, world_size=world_size, seed=seed)
+        layout = parallel_layout(rank, world_size, sp_size)
+        return SyntheticClips(
+            **cfg["synthetic_data"], rank=layout.dp_rank, world_size=layout.dp_size, seed=seed
+        )
     return SnapshotBatches(cfg, rank=rank, world_size=world_size, seed=seed)
 
 

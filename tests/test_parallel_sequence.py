@@ -1,0 +1,128 @@
+"""Ulysses sequence parallelism on 2 gloo processes: same loss and gradients as one process (fp32)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from opensora_core.errors import ConfigError
+from opensora_core.models.stdit3 import STDiT3
+from opensora_core.parallel.sequence import (
+    apply_sequence_parallel,
+    check_heads_divisible,
+    new_sequence_parallel_groups,
+    parallel_layout,
+)
+
+# fp32; attention and the all-to-all reorder sums, so values differ from one process in the 7th digit
+TOLERANCE = 1e-5
+
+
+def tiny_model() -> STDiT3:
+    torch.manual_seed(0)
+    model = STDiT3(
+        hidden_size=32,
+        depth=2,
+        num_heads=4,
+        patch_size=(1, 2, 2),
+        in_channels=4,
+        caption_channels=16,
+        model_max_length=6,
+        class_dropout_prob=0.0,
+    )
+    for blk in model.temporal_blocks:  # zero-initialised; make the temporal path matter
+        for p in (blk.attn.proj.weight, blk.cross_attn.proj.weight, blk.mlp.fc2.weight):
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train()
+
+
+def tiny_batch(height: int, width: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    B, T = 2, 3
+    return {
+        "x": torch.randn(B, 4, T, height, width, generator=g),
+        "timestep": torch.tensor([300.0, 800.0]),
+        "y": torch.randn(B, 1, 6, 16, generator=g),
+        "mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]),
+        "x_mask": torch.tensor([[False, True, True], [True, True, True]]),
+        "fps": torch.tensor([24.0, 24.0]),
+        "height": torch.tensor([float(height * 8)] * B),
+        "width": torch.tensor([float(width * 8)] * B),
+        "target": torch.randn(B, 8, T, height, width, generator=g),
+    }
+
+
+def loss_and_grads(model: STDiT3, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "target"}
+    loss = (model(**inputs) - batch["target"]).pow(2).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank: int, world_size: int, port: int, shapes: list[tuple[int, int]], out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        layout = parallel_layout(rank, world_size, sp_size=world_size)
+        sp_group, _ = new_sequence_parallel_groups(layout)
+        model = tiny_model()
+        apply_sequence_parallel(model, sp_group)
+        for shape in shapes:
+            loss, grads = loss_and_grads(model, tiny_batch(*shape))
+            # what DeepSpeed does over the data-parallel world: average the ranks' gradients
+            for g in grads.values():
+                dist.all_reduce(g)
+                g /= world_size
+            out[(rank, shape)] = (loss, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+SHAPES = [(8, 8), (6, 10)]  # latent H, W: 16 spatial tokens split evenly; 15 need one padding token
+
+
+@pytest.fixture(scope="module")
+def sequence_parallel_results() -> dict:
+    """Loss and SP-averaged gradients of each rank of a 2-process SP group, for every shape (one spawn)."""
+    world_size = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(world_size, port, SHAPES, out), nprocs=world_size, join=True)
+    return dict(out)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["tokens-divide", "tokens-padded"])
+def test_sp2_matches_one_process_loss_and_gradients(sequence_parallel_results, shape):
+    reference_loss, reference_grads = loss_and_grads(tiny_model(), tiny_batch(*shape))
+    for rank in (0, 1):
+        loss, grads = sequence_parallel_results[(rank, shape)]
+        assert loss == pytest.approx(reference_loss, rel=TOLERANCE)
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], rtol=TOLERANCE, atol=1e-6, msg=name)
+
+
+def test_layout_groups_consecutive_ranks_for_sp_and_strided_ranks_for_dp():
+    layout = parallel_layout(rank=5, world_size=8, sp_size=2)
+    assert layout.sp_group_ranks() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.dp_group_ranks() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert (layout.sp_rank, layout.dp_rank, layout.dp_size) == (1, 2, 4)
+
+
+def test_sp_size_not_dividing_workers_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"sp_size=3 .*valid: \[1, 2, 4\]"):
+        parallel_layout(rank=0, world_size=4, sp_size=3)
+
+
+def test_heads_not_divisible_by_sp_size_is_a_config_error():
+    check_heads_divisible(16, 4)
+    with pytest.raises(ConfigError, match=r"sp_size=4 must divide model.num_heads=26"):
+        check_heads_divisible(26, 4)
