@@ -44,9 +44,8 @@ def metadata(n=80, seed=0):
 def assign_without_ray(monkeypatch):
     """The build's Ray Data step is tested in test_data_snapshot; here it runs in-process."""
 
-    def assign_locally(meta_path, cfg, frame_interval, seed, epoch, *args):
-        table = pq.read_table(meta_path)
-        return snapshot_module.bucket_columns(table, cfg, frame_interval, seed, epoch)
+    def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):
+        return snapshot_module.bucket_indices(keys, cfg, frame_interval, seed, epoch)
 
     monkeypatch.setattr(snapshot_module, "_assign_in_ray", assign_locally)
 

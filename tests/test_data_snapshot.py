@@ -195,8 +195,8 @@ def test_failed_build_keeps_current_and_leaves_no_temp_dir(built, monkeypatch):
     def broken(table, path):
         raise OSError("disk full")
 
-    def assign_locally(meta_path, cfg, frame_interval, seed, epoch, *args):
-        return snapshot_module.bucket_columns(pq.read_table(meta_path), cfg, frame_interval, seed, epoch)
+    def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):
+        return snapshot_module.bucket_indices(keys, cfg, frame_interval, seed, epoch)
 
     monkeypatch.setattr(snapshot_module, "_assign_in_ray", assign_locally)  # the failure is in writing
     monkeypatch.setattr(snapshot_module, "_write_parquet", broken)

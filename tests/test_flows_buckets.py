@@ -29,8 +29,8 @@ def local_runs(prefect_api, monkeypatch):
     """No MLflow server here, and the Ray Data step (tested in test_data_snapshot) runs in-process."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    def assign_locally(meta_path, cfg, frame_interval, seed, epoch, *args):
-        return snapshot_module.bucket_columns(pq.read_table(meta_path), cfg, frame_interval, seed, epoch)
+    def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):
+        return snapshot_module.bucket_indices(keys, cfg, frame_interval, seed, epoch)
 
     monkeypatch.setattr(snapshot_module, "_assign_in_ray", assign_locally)
 

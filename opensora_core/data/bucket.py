@@ -6,12 +6,14 @@ function of (seed, epoch, sample key, resolution, num_frames), so any chunking g
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache, cached_property
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from opensora_core.data.aspect import NUM_PIXELS, RATIO_TABLES, RESOLUTIONS, check_resolution
 from opensora_core.errors import ConfigError
@@ -207,12 +209,43 @@ class BucketAssignment:
     """Per-sample bucket columns; -1 / None mark samples that sit out this epoch."""
 
     resolution_index: np.ndarray  # int16, index into aspect.RESOLUTIONS
-    resolution: np.ndarray  # object: name or None
     num_frames: np.ndarray  # int32: bucket frame count t
     aspect_index: np.ndarray  # int16, index into the resolution's ratio table
-    aspect_ratio: np.ndarray  # object: ratio key or None
     height: np.ndarray  # int32: target height
     width: np.ndarray  # int32: target width
+
+    @classmethod
+    def from_indices(
+        cls, resolution_index: np.ndarray, num_frames: np.ndarray, aspect_index: np.ndarray
+    ) -> BucketAssignment:
+        """Rebuild an assignment from its three index columns (target sizes looked up in the tables)."""
+        res = np.asarray(resolution_index, dtype=np.int16)
+        ar = np.asarray(aspect_index, dtype=np.int16)
+        kept = res >= 0
+        flat = _RATIO_KEY_BASE[np.maximum(res, 0)] + np.maximum(ar, 0).astype(np.int32)
+        height = np.where(kept, _RATIO_SIZES[flat, 0], -1).astype(np.int32)
+        width = np.where(kept, _RATIO_SIZES[flat, 1], -1).astype(np.int32)
+        return cls(res, np.asarray(num_frames, dtype=np.int32), ar, height, width)
+
+    @cached_property
+    def resolution(self) -> np.ndarray:
+        """Resolution names (object array, None where not kept)."""
+        return np.asarray(self.resolution_column().to_numpy(zero_copy_only=False), dtype=object)
+
+    @cached_property
+    def aspect_ratio(self) -> np.ndarray:
+        """Aspect-ratio keys (object array, None where not kept)."""
+        return np.asarray(self.aspect_ratio_column().to_numpy(zero_copy_only=False), dtype=object)
+
+    def resolution_column(self) -> pa.StringArray:
+        """Resolution names as an Arrow column, null where not kept; built without Python objects."""
+        index = pa.array(self.resolution_index.astype(np.int32), mask=~self.kept)
+        return pa.array(RESOLUTIONS, type=pa.string()).take(index)
+
+    def aspect_ratio_column(self) -> pa.StringArray:
+        """Aspect-ratio keys as an Arrow column, null where not kept."""
+        index = _RATIO_KEY_BASE[np.maximum(self.resolution_index, 0)] + self.aspect_index.astype(np.int32)
+        return _RATIO_KEYS.take(pa.array(index, type=pa.int32(), mask=~self.kept))
 
     @property
     def kept(self) -> np.ndarray:
@@ -229,6 +262,12 @@ class BucketAssignment:
         )
 
 
+# Every resolution's ratio keys in one flat column, so per-sample names are a single `take`.
+_RATIO_KEY_BASE = np.cumsum([0, *(len(RATIO_TABLES[r]) for r in RESOLUTIONS)])[:-1].astype(np.int32)
+_RATIO_KEYS = pa.array([k for r in RESOLUTIONS for k in RATIO_TABLES[r]], type=pa.string())
+_RATIO_SIZES = np.array([size for r in RESOLUTIONS for size in RATIO_TABLES[r].values()], dtype=np.int32)
+
+
 # --- deterministic draws -------------------------------------------------------------------------
 
 _MASK64 = (1 << 64) - 1
@@ -236,7 +275,7 @@ _KEEP_DRAW = 1  # the keep_prob draw of a (resolution, t) bucket
 _T_DRAW = 2  # the t_prob draw of a (resolution, t) entry
 
 
-def _splitmix(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser on uint64 arrays (wrapping arithmetic)."""
     with np.errstate(over="ignore"):  # 0-d arrays warn on the intended wrap-around
         x = x ^ (x >> np.uint64(30))
@@ -246,20 +285,90 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def sample_streams(sample_keys: Sequence[str] | np.ndarray, seed: int, epoch: int) -> np.ndarray:
+# Polynomial string hash mod 2^64 with an odd base, so the base is invertible and each string's hash
+# can be read off one running sum over a whole buffer of strings (see key_hashes).
+_BASE = 0x100000001B3
+_BASE_INV = pow(_BASE, -1, 1 << 64)
+_HASH_CHUNK_BYTES = 1 << 16  # bytes hashed per numpy pass: small enough to stay in cache
+
+
+@cache
+def _base_powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(BASE^i, BASE^-i) for i < n, wrapping mod 2^64."""
+    up = np.full(n, _BASE, dtype=np.uint64)
+    down = np.full(n, _BASE_INV, dtype=np.uint64)
+    up[0] = down[0] = 1
+    return np.cumprod(up), np.cumprod(down)
+
+
+def key_hashes(sample_keys: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A uint64 per key, from its UTF-8 bytes alone (so any chunking or row order gives the same values).
+
+    Vectorised over the Arrow string buffer: h(s) = sum_i (s_i + 1) * BASE^i, computed for all strings at
+    once as differences of one cumulative sum of (byte + 1) * BASE^pos, rescaled by BASE^-start; the length
+    is mixed in so that strings differing only by trailing NUL bytes still differ.
+    """
+    arr = sample_keys if isinstance(sample_keys, pa.Array | pa.ChunkedArray) else pa.array(sample_keys)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_null(arr.type):  # an empty list
+        arr = arr.cast(pa.string())
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.string())
+    arr = arr.cast(pa.large_string())  # int64 offsets: one code path
+    n = len(arr)
+    out = np.empty(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data_buffer = arr.buffers()[2]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+    up, down = _base_powers(_HASH_CHUNK_BYTES + 1)  # a key may start right at the end of a chunk
+    lo = 0
+    with np.errstate(over="ignore"):
+        while lo < n:
+            # as many rows as fit in one chunk of bytes (at least one row; a longer key is split below)
+            hi = int(np.searchsorted(offsets, offsets[lo] + _HASH_CHUNK_BYTES, side="right")) - 1
+            hi = min(max(hi, lo + 1), n)
+            b0, b1 = int(offsets[lo]), int(offsets[hi])
+            starts = offsets[lo:hi] - b0
+            ends = offsets[lo + 1 : hi + 1] - b0
+            if b1 - b0 <= _HASH_CHUNK_BYTES:
+                weighted = (data[b0:b1].astype(np.uint64) + np.uint64(1)) * up[: b1 - b0]
+                running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(weighted, dtype=np.uint64)])
+                sums = (running[ends] - running[starts]) * down[starts]
+            else:  # one key longer than a chunk
+                sums = np.array([_long_key_hash(data[b0:b1], up)], dtype=np.uint64)
+            out[lo:hi] = sums ^ (splitmix64((ends - starts).astype(np.uint64)))
+            lo = hi
+    return out
+
+
+def _long_key_hash(data: np.ndarray, up: np.ndarray) -> np.uint64:
+    total, power = np.uint64(0), np.uint64(1)
+    step = np.uint64(pow(_BASE, len(up), 1 << 64))
+    for start in range(0, len(data), len(up)):
+        part = data[start : start + len(up)].astype(np.uint64) + np.uint64(1)
+        total += np.sum(part * up[: len(part)], dtype=np.uint64) * power
+        power *= step
+    return total
+
+
+def sample_streams(
+    sample_keys: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedArray, seed: int, epoch: int
+) -> np.ndarray:
     """One uint64 per sample: hash of its key mixed with (seed, epoch); every draw derives from it."""
-    digests = b"".join(hashlib.blake2b(str(k).encode(), digest_size=8).digest() for k in sample_keys)
-    rows = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
-    run = _splitmix(np.array([seed & _MASK64], dtype=np.uint64))
-    run = _splitmix(run ^ np.array([epoch & _MASK64], dtype=np.uint64))
-    return _splitmix(rows ^ run)
+    rows = key_hashes(sample_keys)
+    run = splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    run = splitmix64(run ^ np.array([epoch & _MASK64], dtype=np.uint64))
+    return splitmix64(rows ^ run)
 
 
 def _uniform(streams: np.ndarray, resolution_index: int, t: np.ndarray | int, purpose: int) -> np.ndarray:
     """Uniform [0, 1) draws keyed by (stream, resolution, t, purpose)."""
     t = np.asarray(t, dtype=np.int64).astype(np.uint64)
     code = (np.uint64(resolution_index + 1) << np.uint64(40)) ^ (t << np.uint64(4)) ^ np.uint64(purpose)
-    bits = _splitmix(streams ^ _splitmix(code))
+    bits = splitmix64(streams ^ splitmix64(code))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -272,7 +381,7 @@ def assign_buckets(
     num_frames: Sequence[int] | np.ndarray,
     height: Sequence[int] | np.ndarray,
     width: Sequence[int] | np.ndarray,
-    sample_keys: Sequence[str] | np.ndarray,
+    sample_keys: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedArray,
     cfg: BucketConfig,
     frame_interval: int,
     seed: int,
@@ -348,10 +457,4 @@ def assign_buckets(
             h_out[block] = sizes[j, 0]
             w_out[block] = sizes[j, 1]
 
-    res_names = np.array([None, *RESOLUTIONS], dtype=object)[res_out.astype(np.int64) + 1]
-    ar_names = np.full(n, None, dtype=object)
-    for r in np.unique(res_out[res_out >= 0]):
-        keys = np.array(list(RATIO_TABLES[RESOLUTIONS[r]]), dtype=object)
-        rows = res_out == r
-        ar_names[rows] = keys[ar_out[rows]]
-    return BucketAssignment(res_out, res_names, t_out, ar_out, ar_names, h_out, w_out)
+    return BucketAssignment(res_out, t_out, ar_out, h_out, w_out)

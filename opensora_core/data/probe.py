@@ -254,3 +254,33 @@ def _short(exc: BaseException) -> str:
     if filename:
         text = text.replace(f": {filename!r}", "").replace(f": '{filename}'", "")
     return text[:200]
+
+
+ProbeOutcome = tuple[str, MediaInfo | None, str | None]
+
+
+def probe_outcome(path: str) -> ProbeOutcome:
+    """(path, info, None) or (path, None, reason); never raises, so one bad file cannot stop a chunk."""
+    try:
+        return path, probe(Path(path)), None
+    except ProbeError as exc:
+        return path, None, exc.reason
+    except Exception as exc:  # probe() should not let these out; a scan must survive it if it does
+        return path, None, f"{CORRUPT}: {type(exc).__name__}: {exc}"
+
+
+def probe_chunk(paths: list[str], marker_dir: str) -> list[ProbeOutcome]:
+    """Probe `paths` in a worker process, leaving a marker that names the file in progress.
+
+    It lives here, beside `probe`, so a worker process imports only this light module (and PyAV),
+    not the scan's pyarrow / rich machinery.
+    """
+    # The marker names the file this worker is on, so a file that kills the process can be found.
+    marker = os.path.join(marker_dir, str(os.getpid()))
+    outcomes = []
+    for p in paths:
+        with open(marker, "wb") as f:
+            f.write(os.fsencode(p))
+        outcomes.append(probe_outcome(p))
+    os.unlink(marker)
+    return outcomes

@@ -93,7 +93,7 @@ class BucketBatchSampler:
                 t["num_frames"].to_numpy(zero_copy_only=False),
                 t["height"].to_numpy(zero_copy_only=False),
                 t["width"].to_numpy(zero_copy_only=False),
-                t["path"].to_numpy(zero_copy_only=False),
+                t["path"],
                 self.bucket_cfg,
                 self.frame_interval,
                 self.seed,

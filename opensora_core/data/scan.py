@@ -29,8 +29,9 @@ from opensora_core.data.probe import (
     MEDIA_EXTENSIONS,
     PERMISSION,
     MediaInfo,
-    ProbeError,
-    probe,
+    ProbeOutcome,
+    probe_chunk,
+    probe_outcome,
 )
 from opensora_core.errors import ConfigError
 
@@ -323,32 +324,7 @@ def _unchanged(path: str, old: dict) -> bool:
 # probing, in parallel
 
 
-_ProbeOutcome = tuple[str, MediaInfo | None, str | None]
-
-
-def probe_outcome(path: str) -> _ProbeOutcome:
-    """(path, info, None) or (path, None, reason); never raises, so one bad file cannot stop a chunk."""
-    try:
-        return path, probe(Path(path)), None
-    except ProbeError as exc:
-        return path, None, exc.reason
-    except Exception as exc:  # probe() should not let these out; a scan must survive it if it does
-        return path, None, f"{CORRUPT}: {type(exc).__name__}: {exc}"
-
-
-def _probe_chunk(paths: list[str], marker_dir: str) -> list[_ProbeOutcome]:
-    # The marker names the file this worker is on, so a file that kills the process can be found.
-    marker = os.path.join(marker_dir, str(os.getpid()))
-    outcomes = []
-    for p in paths:
-        with open(marker, "wb") as f:
-            f.write(os.fsencode(p))
-        outcomes.append(probe_outcome(p))
-    os.unlink(marker)
-    return outcomes
-
-
-def _probe_all(paths: list[str], *, workers: int | None, progress: bool) -> list[_ProbeOutcome]:
+def _probe_all(paths: list[str], *, workers: int | None, progress: bool) -> list[ProbeOutcome]:
     if not paths:
         return []
     workers = max(1, workers or os.cpu_count() or 1)
@@ -362,11 +338,11 @@ def _probe_all(paths: list[str], *, workers: int | None, progress: bool) -> list
         return _probe_in_pool(paths, workers, advance)
 
 
-def _probe_in_pool(paths: list[str], workers: int, advance) -> list[_ProbeOutcome]:
+def _probe_in_pool(paths: list[str], workers: int, advance) -> list[ProbeOutcome]:
     """Probe in chunks across processes. When a file kills its worker (a decoder crash), the pool
     breaks: files that were in progress are retried one by one in a pool of their own (a file that
     kills that one too is recorded as corrupt), the rest of the unfinished chunks run again."""
-    outcomes: list[_ProbeOutcome] = []
+    outcomes: list[ProbeOutcome] = []
     chunk = max(1, min(256, math.ceil(len(paths) / (workers * 4))))
     pending = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     suspects: list[str] = []
@@ -399,7 +375,7 @@ def _run_chunks(
     """Run chunks in one pool, appending outcomes; return the chunks lost to a broken pool."""
     failed: list[list[str]] = []
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=_mp_context()) as pool:
-        futures: dict[Future, list[str]] = {pool.submit(_probe_chunk, c, marker_dir): c for c in chunks}
+        futures: dict[Future, list[str]] = {pool.submit(probe_chunk, c, marker_dir): c for c in chunks}
         not_done = set(futures)
         while not_done:
             done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
@@ -434,7 +410,13 @@ def _read_markers(marker_dir: str) -> set[str]:
 def _mp_context():
     # forkserver: forking a parent that runs threads (Prefect, Ray, MLflow clients) can deadlock.
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" not in methods:
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # Workers fork from a server that has already imported the probe and PyAV, so they start in
+    # milliseconds instead of each paying for the imports.
+    ctx.set_forkserver_preload(["opensora_core.data.probe", "av", "PIL.Image"])
+    return ctx
 
 
 class _ProgressBar:

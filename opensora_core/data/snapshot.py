@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -34,7 +34,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from opensora_core.data.bucket import BucketConfig, BucketKey, assign_buckets
+from opensora_core.data.bucket import (
+    BucketAssignment,
+    BucketConfig,
+    BucketKey,
+    assign_buckets,
+    key_hashes,
+    splitmix64,
+)
 from opensora_core.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -46,6 +53,7 @@ BUCKET_COLUMNS = ("bucket_res", "bucket_frames", "bucket_ar", "bucket_height", "
 REQUIRED_COLUMNS = ("path", "num_frames", "height", "width")
 FINGERPRINT_COLUMNS = ("path", "file_size", "mtime_ns")
 ROWS_PER_FILE = 1_000_000
+_UNIQUE_COLUMNS = frozenset({"path", "text"})  # (nearly) one value per row
 _ORDER_COLUMN = "__bucket_order"  # temporary sort key: (resolution, frames, ratio) in table order
 _SITTING_OUT_ORDER = np.iinfo(np.int64).max
 
@@ -182,36 +190,66 @@ def bucket_config_hash(cfg: BucketConfig, frame_interval: int) -> str:
 
 # --- assignment (runs inside Ray Data tasks) -----------------------------------------------------
 
+_ROW_COLUMN = "__row"  # position in the metadata table, so results land in place whatever the block order
+_INDEX_COLUMNS = ("resolution_index", "num_frames", "aspect_index")
 
-def bucket_columns(
+
+def bucket_indices(
     table: pa.Table, cfg: BucketConfig, frame_interval: int, seed: int, epoch: int
 ) -> pa.Table:
-    """`table` with the bucket columns (and the temporary sort key) appended."""
+    """The bucket of each row of `table` as small integer columns (-1 where it sits out this epoch).
+
+    This is what a Ray Data task returns: a few bytes per row instead of the whole metadata row.
+    """
     a = assign_buckets(
         table["num_frames"].to_numpy(zero_copy_only=False),
         table["height"].to_numpy(zero_copy_only=False),
         table["width"].to_numpy(zero_copy_only=False),
-        table["path"].to_numpy(zero_copy_only=False),
+        table["path"],
         cfg,
         frame_interval,
         seed,
         epoch,
     )
-    out = ~a.kept
+    columns = {
+        "resolution_index": a.resolution_index,
+        "num_frames": a.num_frames,
+        "aspect_index": a.aspect_index,
+    }
+    if _ROW_COLUMN in table.column_names:
+        columns[_ROW_COLUMN] = table[_ROW_COLUMN]
+    return pa.table(columns)
+
+
+def _order_key(a: BucketAssignment) -> np.ndarray:
+    """int64 sort key: buckets in table order (resolution, frames, ratio key), sitting-out rows last."""
     order = (
         (a.resolution_index.astype(np.int64) << 40)
         | (a.num_frames.astype(np.int64) << 12)
         | a.aspect_index.astype(np.int64)
     )
-    order[out] = _SITTING_OUT_ORDER
-    columns = {
-        "bucket_res": pa.array(a.resolution, type=pa.string()),
+    order[~a.kept] = _SITTING_OUT_ORDER
+    return order
+
+
+def _named_bucket_columns(a: BucketAssignment) -> dict[str, pa.Array]:
+    out = ~a.kept
+    return {
+        "bucket_res": a.resolution_column(),
         "bucket_frames": pa.array(a.num_frames, type=pa.int32(), mask=out),
-        "bucket_ar": pa.array(a.aspect_ratio, type=pa.string()),
+        "bucket_ar": a.aspect_ratio_column(),
         "bucket_height": pa.array(a.height, type=pa.int32(), mask=out),
         "bucket_width": pa.array(a.width, type=pa.int32(), mask=out),
-        _ORDER_COLUMN: pa.array(order, type=pa.int64()),
     }
+
+
+def bucket_columns(
+    table: pa.Table, cfg: BucketConfig, frame_interval: int, seed: int, epoch: int
+) -> pa.Table:
+    """`table` with the bucket columns (and the temporary sort key) appended."""
+    idx = bucket_indices(table, cfg, frame_interval, seed, epoch)
+    a = BucketAssignment.from_indices(*(idx[c].to_numpy() for c in _INDEX_COLUMNS))
+    columns = {**_named_bucket_columns(a), _ORDER_COLUMN: pa.array(_order_key(a), type=pa.int64())}
     for name, column in columns.items():
         if name in table.column_names:
             table = table.drop_columns([name])  # a previous snapshot's columns are recomputed
@@ -220,7 +258,7 @@ def bucket_columns(
 
 
 def _assign_in_ray(
-    meta_path: Path,
+    keys: pa.Table,
     cfg: BucketConfig,
     frame_interval: int,
     seed: int,
@@ -229,6 +267,11 @@ def _assign_in_ray(
     num_blocks: int | None,
     progress: bool,
 ) -> pa.Table:
+    """`bucket_indices` of `keys` (path, num_frames, height, width), computed by Ray Data tasks, in row order.
+
+    The driver reads the metadata itself (pyarrow reads Parquet with all cores) and hands Ray only
+    the four columns the rules need; the tasks send back three small integer columns.
+    """
     import ray
     import ray.data
 
@@ -236,20 +279,36 @@ def _assign_in_ray(
         ray.init()  # a caller that connected to a cluster first keeps its connection
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    ds = ray.data.read_parquet(str(meta_path))
-    if num_blocks is not None:
-        ds = ds.repartition(num_blocks)  # Ray merges small files into one block otherwise
+    n = keys.num_rows
+    if num_blocks is None:
+        cpus = int(ray.available_resources().get("CPU", 1)) or 1
+        num_blocks = max(cpus, -(-n // _ROWS_PER_BLOCK))
+    num_blocks = max(1, min(num_blocks, n))
+    keys = keys.append_column(_ROW_COLUMN, pa.array(np.arange(n, dtype=np.int64)))
+    bounds = np.linspace(0, n, num_blocks + 1).astype(np.int64)
+    ds = ray.data.from_arrow(
+        [keys.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    )
     ds = ds.map_batches(
-        bucket_columns,
+        bucket_indices,
         batch_format="pyarrow",
         batch_size=None,  # one call per block
         fn_kwargs={"cfg": cfg, "frame_interval": frame_interval, "seed": seed, "epoch": epoch},
         concurrency=num_workers,
     )
-    blocks = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not blocks:
-        return pa.table({})
-    return pa.concat_tables(blocks, promote_options="permissive")
+    columns = {
+        "resolution_index": np.full(n, -1, dtype=np.int16),
+        "num_frames": np.full(n, -1, dtype=np.int32),
+        "aspect_index": np.full(n, -1, dtype=np.int16),
+    }
+    for block in ray.get(ds.to_arrow_refs()):
+        rows = block[_ROW_COLUMN].to_numpy()
+        for name, values in columns.items():
+            values[rows] = block[name].to_numpy()
+    return pa.table(columns)
+
+
+_ROWS_PER_BLOCK = 500_000  # rows per Ray Data block: enough work per task to hide its overhead
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -272,54 +331,77 @@ def _metadata_schema(meta_path: Path) -> pa.Schema:
     return pa.schema(fields)  # without metadata: pandas/Ray annotations vary between writers
 
 
-def _sorted_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Deterministic row order: bucket, then path, then the remaining simple columns."""
-    target = pa.schema(
-        [*schema, *(pa.field(n, t) for n, t in zip(BUCKET_COLUMNS, _BUCKET_TYPES, strict=True))]
-    ).append(pa.field(_ORDER_COLUMN, pa.int64()))
-    table = table.select(target.names).cast(target)
+def _row_order(meta: pa.Table, order: np.ndarray) -> np.ndarray:
+    """Permutation giving the snapshot's deterministic row order: bucket, then path, then the other simple columns."""
     tie_breakers = [
         f.name
-        for f in schema
+        for f in meta.schema
         if f.name != "path" and (pa.types.is_primitive(f.type) or pa.types.is_string(f.type))
     ]
+    keyed = meta.append_column(_ORDER_COLUMN, pa.array(order, type=pa.int64()))  # zero-copy
     keys = [(_ORDER_COLUMN, "ascending"), ("path", "ascending")] + [(n, "ascending") for n in tie_breakers]
-    return table.take(pc.sort_indices(table, sort_keys=keys))
+    return pc.sort_indices(keyed, sort_keys=keys).to_numpy()
 
 
-_BUCKET_TYPES = (pa.string(), pa.int32(), pa.string(), pa.int32(), pa.int32())
+def _read_metadata(meta_path: Path, schema: pa.Schema) -> pa.Table:
+    """The metadata table with `schema`'s columns (a previous snapshot's bucket columns left out)."""
+    table = pads.dataset(str(meta_path), format="parquet", partitioning="hive").to_table(columns=schema.names)
+    return table.cast(schema)  # chunks kept: combining would copy the whole table
 
 
 def metadata_fingerprint(table: pa.Table) -> str:
-    """Hash of the (path, file_size, mtime_ns) columns, independent of row order."""
+    """Hash of the (path, file_size, mtime_ns) columns, independent of row order.
+
+    Each row's values hash to one uint64 (vectorised, no per-row Python); the rows combine as a
+    multiset (count, wrapping sum and xor of two mixes), so neither row order nor chunking matters
+    and no sort of the whole table is needed.
+    """
     present = [c for c in FINGERPRINT_COLUMNS if c in table.column_names]
-    part = table.select(present)
-    part = part.take(pc.sort_indices(part, sort_keys=[(c, "ascending") for c in present]))
-    digest = hashlib.sha256()
-    for name in present:
-        # "\x00".join(str(v) for v in column), nulls as "", joined by Arrow rather than in Python
-        text = pc.fill_null(part[name].combine_chunks().cast(pa.large_string()), "")
-        offsets = pa.array([0, len(text)], type=pa.int64())
-        joined = pc.binary_join(
-            pa.LargeListArray.from_arrays(offsets, text), pa.scalar("\x00", pa.large_string())
-        )[0]
-        digest.update(name.encode() + b"\x00")
-        if (buffer := joined.as_buffer()) is not None:  # None: an empty column
-            digest.update(buffer)
-    return digest.hexdigest()[:16]
+    rows = np.zeros(table.num_rows, dtype=np.uint64)
+    for i, name in enumerate(present):
+        rows = splitmix64(rows ^ _column_hashes(table[name]) ^ np.uint64(i + 1))
+    with np.errstate(over="ignore"):
+        total = int(rows.sum(dtype=np.uint64))
+    mixed = int(np.bitwise_xor.reduce(splitmix64(rows ^ np.uint64(0x9E3779B97F4A7C15)), initial=np.uint64(0)))
+    text = f"v2|{','.join(present)}|{table.num_rows}|{total:016x}|{mixed:016x}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _column_hashes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A uint64 per value; nulls hash apart from every value."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    null = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_integer(column.type):
+        values = pc.fill_null(column.cast(pa.int64()), 0).to_numpy(zero_copy_only=False).view(np.uint64)
+        values = splitmix64(values)
+    else:
+        values = key_hashes(pc.fill_null(pc.cast(column, pa.string()), ""))
+    return np.where(null, np.uint64(0xA5A5A5A5A5A5A5A5), values)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # One contiguous chunk per column so page layout never depends on how Ray split the blocks.
-    pq.write_table(table.combine_chunks(), path, compression="zstd", row_group_size=128 * 1024)
+    # Dictionary pages only pay for low-cardinality columns; for paths and captions they cost time and space.
+    dictionary = [n for n in table.column_names if n not in _UNIQUE_COLUMNS]
+    pq.write_table(
+        table.combine_chunks(),
+        path,
+        compression="zstd",
+        use_dictionary=dictionary,
+        row_group_size=128 * 1024,
+    )
 
 
-def _write_rows(table: pa.Table, directory: Path, base: Path, rows_per_file: int) -> tuple[str, ...]:
+def _write_rows(
+    rows: Callable[[int, int], pa.Table], lo: int, hi: int, directory: Path, base: Path, rows_per_file: int
+) -> tuple[str, ...]:
+    """Write snapshot rows lo..hi as files of at most `rows_per_file` rows (one, possibly empty, at least)."""
     files = []
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+    for i, start in enumerate(range(lo, max(hi, lo + 1), rows_per_file)):
         path = directory / f"part-{i:05d}.parquet"
-        _write_parquet(table.slice(start, rows_per_file), path)
+        _write_parquet(rows(start, min(start + rows_per_file, hi)), path)
         files.append(path.relative_to(base).as_posix())
     return tuple(files)
 
@@ -355,16 +437,36 @@ def build_snapshot(
     # Absolute: Ray tasks run in their own working directories.
     meta_path, root = Path(meta_path).resolve(), Path(root).resolve()
     schema = _metadata_schema(meta_path)
-    rows = _assign_in_ray(
-        meta_path, bucket_cfg, frame_interval, seed, epoch, num_workers, num_blocks, progress
+    meta = _read_metadata(meta_path, schema)
+    idx = (
+        _assign_in_ray(
+            meta.select(list(REQUIRED_COLUMNS)),
+            bucket_cfg,
+            frame_interval,
+            seed,
+            epoch,
+            num_workers,
+            num_blocks,
+            progress,
+        )
+        if meta.num_rows
+        else bucket_indices(meta, bucket_cfg, frame_interval, seed, epoch)
     )
-    if rows.num_rows == 0:
-        rows = bucket_columns(schema.empty_table(), bucket_cfg, frame_interval, seed, epoch)
-    rows = _sorted_rows(rows, schema)
-    fingerprint = metadata_fingerprint(rows)
+    assignment = BucketAssignment.from_indices(*(idx[c].to_numpy() for c in _INDEX_COLUMNS))
+    fingerprint = metadata_fingerprint(meta)
+    order = _order_key(assignment)
+    perm = _row_order(meta, order)
+    order = order[perm]
+    bucket_cols = _named_bucket_columns(assignment)
 
-    order = rows[_ORDER_COLUMN].to_numpy()
-    rows = rows.drop_columns([_ORDER_COLUMN])
+    def rows(lo: int, hi: int) -> pa.Table:
+        """Rows lo..hi of the snapshot order: metadata plus bucket columns, gathered from the unsorted table."""
+        take = pa.array(perm[lo:hi])
+        part = meta.take(take)
+        for name, column in bucket_cols.items():
+            part = part.append_column(name, column.take(take))
+        return part
+
     num_kept = int(np.searchsorted(order, _SITTING_OUT_ORDER))
     starts = np.flatnonzero(np.r_[True, order[1:num_kept] != order[: num_kept - 1]]) if num_kept else []
     bounds = [*map(int, starts), num_kept]
@@ -379,14 +481,15 @@ def build_snapshot(
         # pyarrow writes without the GIL: shards (and the report plot) are written by all cores.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for lo, hi in zip(bounds, bounds[1:], strict=False):
-                part = rows.slice(lo, hi - lo)
-                res, t, ar, h, w = (part[c][0].as_py() for c in BUCKET_COLUMNS)
+                key = assignment.key(int(perm[lo]))
+                assert key is not None  # kept rows come first
+                res, t, ar, (h, w) = key.resolution, key.num_frames, key.aspect_ratio, key.size
                 bs = int(bucket_cfg.batch_size(res, t))  # type: ignore[arg-type]
                 directory = tmp / f"bucket_res={res}" / f"bucket_frames={t}" / f"bucket_ar={ar}"
                 stats.append(BucketStats(res, t, ar, h, w, hi - lo, bs, (hi - lo) // bs))
-                shards.append(pool.submit(_write_rows, part, directory, tmp, rows_per_file))
+                shards.append(pool.submit(_write_rows, rows, lo, hi, directory, tmp, rows_per_file))
             sitting_out_shards = pool.submit(
-                _write_rows, rows.slice(num_kept), tmp / SITTING_OUT_DIR, tmp, rows_per_file
+                _write_rows, rows, num_kept, len(perm), tmp / SITTING_OUT_DIR, tmp, rows_per_file
             )
             manifest = Manifest(
                 snapshot_id=snapshot_id,
@@ -398,7 +501,7 @@ def build_snapshot(
                 epoch=epoch,
                 frame_interval=frame_interval,
                 bucket_config=bucket_config_to_json(bucket_cfg),
-                num_samples=rows.num_rows,
+                num_samples=meta.num_rows,
                 num_kept=num_kept,
                 buckets=tuple(stats),
             )
