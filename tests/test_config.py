@@ -229,3 +229,13 @@ def test_cli_reports_a_config_error_in_one_line_with_exit_code_2(tmp_path: Path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "bucket_config" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_training_config_with_a_sampling_only_scheduler_is_rejected_on_load(tmp_path):
+    config = tmp_path / "train.py"
+    config.write_text(
+        f'_base_ = ["{REPO / "configs/opensora-v1-2/train/demo.py"}"]\n'
+        'scheduler = dict(type="dpm-solver", num_sampling_steps=20, _delete_=True)\n'
+    )
+    with pytest.raises(ConfigError, match=r"scheduler.type='dpm-solver' only samples; .*rflow"):
+        load_config(str(config), {}, mode="train")

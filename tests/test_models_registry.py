@@ -30,7 +30,11 @@ def test_registry_lists_every_open_sora_name():
         "DiT-XL/2",
         "DiT-XL/2x2",
         "Latte-XL/2",
+        "Latte-XL/2x2",
         "PixArt-XL/2",
+        "PixArt-1B/2",
+        "PixArtMS-XL/2",
+        "PixArt-Sigma-XL/2",
     )
     assert VAE_TYPES == (
         "VideoAutoencoderKL",
@@ -62,12 +66,21 @@ def test_open_sora_only_keys_are_accepted():
     assert build_model({**TINY, **extra}, **SIZES).input_sq_size == 512
 
 
-def test_valid_but_unbuilt_model_type_names_what_is_available():
-    with pytest.raises(ConfigError) as err:
-        build_model({"type": "STDiT2-XL/2"}, **SIZES)
-    assert str(err.value) == (
-        "model.type='STDiT2-XL/2' is not available in this build yet; available: STDiT3-XL/2, STDiT3-3B/2"
+def test_every_type_an_open_sora_config_may_name_is_built():
+    from opensora_core.models.registry import (
+        AVAILABLE_TEXT_ENCODER_TYPES,
+        AVAILABLE_VAE_TYPES,
+        MODEL_TYPES,
+        MODELS,
+        TEXT_ENCODER_TYPES,
+        VAE_TYPES,
     )
+    from opensora_core.schedulers import SCHEDULER_TYPES, SCHEDULERS
+
+    assert set(MODELS) == set(MODEL_TYPES)
+    assert set(AVAILABLE_VAE_TYPES) == set(VAE_TYPES)
+    assert set(AVAILABLE_TEXT_ENCODER_TYPES) == set(TEXT_ENCODER_TYPES)
+    assert set(SCHEDULERS) == set(SCHEDULER_TYPES)
 
 
 def test_unknown_model_type_lists_valid_names():
@@ -128,16 +141,17 @@ def test_count_parameters_matches_the_released_model_size():
     assert count_parameters("STDiT3-XL/2") == 1_207_643_972
 
 
-def test_count_parameters_of_unbuilt_type_is_a_config_error():
-    with pytest.raises(ConfigError, match="not available in this build yet"):
-        count_parameters("Latte-XL/2")
+def test_count_parameters_of_unknown_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.type='STDiT4' is not a known type"):
+        count_parameters("STDiT4")
 
 
-def test_unbuilt_vae_type_names_what_is_available():
+def test_vae_options_are_checked_per_type():
     with pytest.raises(ConfigError) as err:
-        build_vae({"type": "OpenSoraVAE_V1_2", "from_pretrained": "x"})
+        build_vae({"type": "VideoAutoencoderKL", "from_pretrained": "x", "freeze_vae_2d": True})
     assert str(err.value) == (
-        "vae.type='OpenSoraVAE_V1_2' is not available in this build yet; available: VideoAutoencoderKL"
+        "vae.freeze_vae_2d is not a VideoAutoencoderKL option; valid: cache_dir, from_pretrained, "
+        "local_files_only, micro_batch_size, scaling_factor, subfolder"
     )
 
 

@@ -106,7 +106,7 @@ def detect_mode(cfg: Config) -> Mode:
 def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<config>") -> ValidatedConfig:
     """Check every key a stage will use; raise ConfigError naming the first bad key."""
     from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES
-    from opensora_core.schedulers import SCHEDULER_TYPES
+    from opensora_core.schedulers import SAMPLING_ONLY_SCHEDULERS, SCHEDULER_TYPES
 
     mode = mode or detect_mode(cfg)
     model = _component(cfg, "model", MODEL_TYPES, required=True)
@@ -116,6 +116,11 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
     dtype = _choice(cfg, "dtype", DTYPES, default="bf16")
 
     if mode == "train":
+        if scheduler.type in SAMPLING_ONLY_SCHEDULERS:
+            raise ConfigError(
+                f"scheduler.type={scheduler.type!r} only samples; a training config needs one of "
+                f"{', '.join(t for t in SCHEDULER_TYPES if t not in SAMPLING_ONLY_SCHEDULERS)}"
+            )
         dataset = _component(cfg, "dataset", DATASET_TYPES, required=True)
         bucket_config = _bucket_config(cfg, dataset)
         _mask_ratios(cfg)
@@ -213,12 +218,13 @@ def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
 
 def _check_heads_for_sequence_parallel(cfg: Config, sp_size: int) -> None:
     """Ulysses gives each SP rank num_heads / sp_size attention heads (the preset's when unset)."""
-    from opensora_core.models.stdit3 import STDIT3_MODELS
+    from opensora_core.models.registry import MODELS
     from opensora_core.parallel.sequence import check_heads_divisible
 
     model = cfg.get("model") or {}
-    preset = STDIT3_MODELS.get(model.get("type"))
-    num_heads = model.get("num_heads") or (preset.keywords.get("num_heads") if preset else None)
+    preset = MODELS.get(model.get("type"))
+    keywords = getattr(preset, "keywords", None) or {}  # presets are functools.partial of the model class
+    num_heads = model.get("num_heads") or keywords.get("num_heads")
     if num_heads is not None:
         check_heads_divisible(int(num_heads), sp_size)
 

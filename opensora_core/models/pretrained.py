@@ -1,4 +1,5 @@
-"""Tiny random-weight T5 encoder + tokenizer and AutoencoderKL, written to disk for tests and the CPU demo.
+"""Tiny random-weight T5 and CLIP text encoders (+ tokenizers), an AutoencoderKL and an Open-Sora v1.2
+video VAE, written to disk for tests and the CPU demo.
 
 They load through the libraries' real `from_pretrained(..., local_files_only=True)`, so the whole pipeline
 runs offline; their outputs are noise.
@@ -37,20 +38,44 @@ class TinyPretrained:
     root: Path
     t5: Path
     vae: Path
+    clip: Path  # text_encoder type "clip"
+    vae_v1_2: Path  # vae type "OpenSoraVAE_V1_2"
 
 
 T5_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+CLIP_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+VAE_V1_2_FILES = ("config.json", "model.safetensors", "vae_2d/config.json")
+
+# Three 2x downsamples (factor 8, like SD's VAE) at a few thousand parameters.
+TINY_AUTOENCODER_KL = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 16, 16, 16),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
 
 
 def create_tiny_pretrained(root: Path, *, seed: int = 0) -> TinyPretrained:
-    """Write root/t5 and root/vae unless they are already complete; return their paths."""
+    """Write root/{t5,vae,clip,vae_v1_2} unless they are already complete; return their paths."""
     root = Path(root)
-    paths = TinyPretrained(root=root, t5=root / "t5", vae=root / "vae")
+    paths = TinyPretrained(
+        root=root, t5=root / "t5", vae=root / "vae", clip=root / "clip", vae_v1_2=root / "vae_v1_2"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         _write_once(paths.t5, T5_FILES, _save_tiny_t5)
         _write_once(paths.vae, VAE_FILES, _save_tiny_vae)
+        # Seeded apart, so each is the same whether or not the others were already on disk.
+        torch.manual_seed(seed + 1)
+        _write_once(paths.clip, CLIP_FILES, _save_tiny_clip)
+        torch.manual_seed(seed + 2)
+        _write_once(paths.vae_v1_2, VAE_V1_2_FILES, _save_tiny_vae_v1_2)
     return paths
 
 
@@ -118,15 +143,58 @@ def _save_tiny_t5(directory: Path) -> None:
 def _save_tiny_vae(directory: Path) -> None:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # three 2x downsamples: factor 8, like SD's VAE
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
+    AutoencoderKL(**TINY_AUTOENCODER_KL).save_pretrained(directory)
+
+
+def build_tiny_clip_tokenizer():
+    """A CLIP BPE tokenizer built offline: every byte is a token, and merges make WORDS whole tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = dict.fromkeys([*alphabet, *(f"{c}</w>" for c in alphabet)])
+    merges: dict[tuple[str, str], None] = {}
+    for word in dict.fromkeys(WORDS):
+        pieces = [*word[:-1], f"{word[-1]}</w>"]
+        while len(pieces) > 1:  # merge left to right: w, wo, wor, word</w>
+            merges[(pieces[0], pieces[1])] = None
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab[pieces[0]] = None
+    vocab.update(dict.fromkeys(["<|startoftext|>", "<|endoftext|>"]))
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=list(merges))
+
+
+def _save_tiny_clip(directory: Path) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_clip_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    vae.save_pretrained(directory)
+    CLIPTextModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _save_tiny_vae_v1_2(directory: Path) -> None:
+    """Open-Sora v1.2's pipeline layout (17-frame chunks, 4x time, v1.2 shift / scale) at tiny widths."""
+    from opensora_core.models.vae import VideoAutoencoderKL
+    from opensora_core.models.vae_pipeline import V1_2_SCALE, V1_2_SHIFT, VideoAutoencoderPipeline
+    from opensora_core.models.vae_temporal import VAE_Temporal_SD
+
+    pipeline = VideoAutoencoderPipeline(
+        VideoAutoencoderKL(config=TINY_AUTOENCODER_KL, micro_batch_size=4),
+        VAE_Temporal_SD(filters=8, num_res_blocks=1, num_groups=4),
+        micro_frame_size=17,
+        shift=V1_2_SHIFT,
+        scale=V1_2_SCALE,
+    )
+    pipeline.save_pretrained(directory)

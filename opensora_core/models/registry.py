@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,11 @@ import torch
 from torch import nn
 
 from opensora_core.errors import CheckpointError, ConfigError
+from opensora_core.models.dit import DIT_MODELS
+from opensora_core.models.latte import LATTE_MODELS
+from opensora_core.models.pixart import PIXART_MODELS
+from opensora_core.models.stdit import STDIT_MODELS
+from opensora_core.models.stdit2 import STDIT2_MODELS
 from opensora_core.models.stdit3 import STDIT3_MODELS
 
 log = logging.getLogger(__name__)
@@ -24,7 +30,11 @@ MODEL_TYPES: tuple[str, ...] = (
     "DiT-XL/2",
     "DiT-XL/2x2",
     "Latte-XL/2",
+    "Latte-XL/2x2",
     "PixArt-XL/2",
+    "PixArt-1B/2",
+    "PixArtMS-XL/2",
+    "PixArt-Sigma-XL/2",
 )
 VAE_TYPES: tuple[str, ...] = (
     "VideoAutoencoderKL",
@@ -34,9 +44,65 @@ VAE_TYPES: tuple[str, ...] = (
 )
 TEXT_ENCODER_TYPES: tuple[str, ...] = ("t5", "clip")
 
-MODELS = {**STDIT3_MODELS}
-AVAILABLE_VAE_TYPES: tuple[str, ...] = ("VideoAutoencoderKL",)
-AVAILABLE_TEXT_ENCODER_TYPES: tuple[str, ...] = ("t5",)
+MODELS = {
+    **STDIT3_MODELS,
+    **STDIT2_MODELS,
+    **STDIT_MODELS,
+    **DIT_MODELS,
+    **LATTE_MODELS,
+    **PIXART_MODELS,
+}
+AVAILABLE_VAE_TYPES: tuple[str, ...] = (
+    "VideoAutoencoderKL",
+    "OpenSoraVAE_V1_2",
+    "VAE_Temporal_SD",
+    "VideoAutoencoderPipeline",
+)
+AVAILABLE_TEXT_ENCODER_TYPES: tuple[str, ...] = ("t5", "clip")
+
+# Each VAE / text encoder type's config keys besides `type` (Open-Sora's constructor arguments).
+VAE_OPTIONS: dict[str, frozenset[str]] = {
+    "VideoAutoencoderKL": frozenset(
+        {
+            "from_pretrained",
+            "micro_batch_size",
+            "cache_dir",
+            "local_files_only",
+            "subfolder",
+            "scaling_factor",
+        }
+    ),
+    "OpenSoraVAE_V1_2": frozenset(
+        {
+            "from_pretrained",
+            "micro_batch_size",
+            "micro_frame_size",
+            "local_files_only",
+            "freeze_vae_2d",
+            "cal_loss",
+            "force_huggingface",
+        }
+    ),
+    "VAE_Temporal_SD": frozenset({"from_pretrained", "num_groups", "activation_fn"}),
+    "VideoAutoencoderPipeline": frozenset(
+        {
+            "vae_2d",
+            "vae_temporal",
+            "from_pretrained",
+            "micro_frame_size",
+            "shift",
+            "scale",
+            "freeze_vae_2d",
+            "cal_loss",
+        }
+    ),
+}
+TEXT_ENCODER_OPTIONS: dict[str, frozenset[str]] = {
+    "t5": frozenset(
+        {"from_pretrained", "model_max_length", "cache_dir", "local_files_only", "shardformer", "subfolder"}
+    ),
+    "clip": frozenset({"from_pretrained", "model_max_length", "cache_dir", "local_files_only"}),
+}
 
 # Keys Open-Sora configs carry that do not change how our models are built.
 IGNORED_MODEL_KEYS = frozenset(
@@ -63,6 +129,13 @@ MODEL_OPTIONS = frozenset(
         "freeze_y_embedder",
         "skip_y_embedder",
         "grad_checkpoint",
+        "freeze",
+        "no_temporal_pos_emb",
+        "space_scale",
+        "time_scale",
+        "base_size",
+        "condition",
+        "learn_sigma",
     }
 )
 # Set by the pipeline from the VAE / text encoder; a config may repeat them only with the same value.
@@ -120,17 +193,39 @@ def build_model(
     kwargs = model_kwargs(
         cfg, in_channels=in_channels, caption_channels=caption_channels, model_max_length=model_max_length
     )
+    accepted = inspect.signature(MODELS[type_name]).parameters
+    for key in kwargs:
+        if key not in accepted:  # MODEL_OPTIONS spans all types; each type takes only its own
+            valid = sorted(set(accepted) - set(DERIVED_MODEL_OPTIONS))
+            raise ConfigError(f"model.{key} is not an option of {type_name}; valid: {', '.join(valid)}")
     model = MODELS[type_name](**kwargs)
     if cfg.get("from_pretrained"):
         load_model_weights(model, cfg["from_pretrained"], type_name=type_name)
     return model
 
 
+# Settings of the released checkpoints (spec/state-dicts.json) where they differ from the preset's defaults.
+PUBLISHED_SETTINGS: dict[str, dict[str, Any]] = {
+    "STDiT2-XL/2": {"qk_norm": True, "qk_norm_legacy": True, "input_sq_size": 512, "model_max_length": 200},
+    "STDiT-XL/2": {"model_max_length": 120, "input_size": (16, 32, 32), "space_scale": 0.5},
+    "PixArt-XL/2": {"model_max_length": 120, "input_size": (16, 32, 32), "space_scale": 0.5},
+    "PixArt-1B/2": {"model_max_length": 120},
+    "PixArtMS-XL/2": {"model_max_length": 120},
+    # DiT and Latte condition on a pooled CLIP ViT-B/32 text embedding
+    **{
+        name: {"caption_channels": 512, "model_max_length": 77, "input_size": (16, 32, 32)}
+        for name in ("DiT-XL/2", "DiT-XL/2x2", "Latte-XL/2", "Latte-XL/2x2")
+    },
+}
+
+
 def count_parameters(type_name: str) -> int:
-    """Parameter count of a preset with Open-Sora v1.2 settings (T5-XXL text, 4 latent channels), built on meta."""
+    """Parameter count of a preset with its released settings (default: T5-XXL text, 4 latent channels), on meta."""
     check_type("model", type_name, MODEL_TYPES, tuple(MODELS))
+    settings = {"in_channels": 4, "caption_channels": 4096, "model_max_length": 300}
+    settings.update(PUBLISHED_SETTINGS.get(type_name, {}))
     with torch.device("meta"):
-        model = MODELS[type_name](in_channels=4, caption_channels=4096, model_max_length=300)
+        model = MODELS[type_name](**settings)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -176,10 +271,12 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str) -> None:
+def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str, section: str = "model") -> None:
     """Load weights with strict=True; a checkpoint of another model type raises CheckpointError."""
     file = weights_file(path)
     state = read_state_dict(file)
+    if hasattr(model, "adapt_checkpoint"):  # e.g. fixed-size models recompute their position tables
+        state = model.adapt_checkpoint(state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -187,7 +284,7 @@ def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str) ->
     if missing or unexpected or wrong_shape:
         example = (missing or unexpected or wrong_shape)[0]
         raise CheckpointError(
-            f"{file}: does not fit model.type={type_name!r}: {len(missing)} missing, {len(unexpected)} "
+            f"{file}: does not fit {section}.type={type_name!r}: {len(missing)} missing, {len(unexpected)} "
             f"unexpected, {len(wrong_shape)} wrongly shaped keys (e.g. {example!r})"
         )
     model.load_state_dict(state, strict=True)
@@ -197,47 +294,50 @@ def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str) ->
 def build_vae(cfg: dict[str, Any]) -> nn.Module:
     """Build the VAE named by `cfg["type"]` from its local `from_pretrained` directory."""
     from opensora_core.models.vae import VideoAutoencoderKL
+    from opensora_core.models.vae_pipeline import OpenSoraVAE_V1_2, build_pipeline
+    from opensora_core.models.vae_temporal import VAE_Temporal_SD
 
-    check_type("vae", cfg.get("type"), VAE_TYPES, AVAILABLE_VAE_TYPES)
+    type_name = check_type("vae", cfg.get("type"), VAE_TYPES, AVAILABLE_VAE_TYPES)
     options = {k: v for k, v in cfg.items() if k != "type"}
-    options.pop("micro_frame_size", None)  # a v1.2 pipeline option; the KL VAE works frame by frame
-    valid = {
-        "from_pretrained",
-        "micro_batch_size",
-        "cache_dir",
-        "local_files_only",
-        "subfolder",
-        "scaling_factor",
-    }
+    if type_name == "VideoAutoencoderKL":
+        options.pop("micro_frame_size", None)  # a v1.2 pipeline option; the KL VAE works frame by frame
+    valid = VAE_OPTIONS[type_name]
     for key in options:
         if key not in valid:
-            raise ConfigError(
-                f"vae.{key} is not a VideoAutoencoderKL option; valid: {', '.join(sorted(valid))}"
-            )
-    if not options.get("from_pretrained"):
-        raise ConfigError("vae.from_pretrained is required: a local AutoencoderKL directory")
-    return VideoAutoencoderKL(**options)
+            raise ConfigError(f"vae.{key} is not a {type_name} option; valid: {', '.join(sorted(valid))}")
+    if type_name == "VideoAutoencoderKL":
+        if not options.get("from_pretrained"):
+            raise ConfigError("vae.from_pretrained is required: a local AutoencoderKL directory")
+        return VideoAutoencoderKL(**options)
+    if type_name == "OpenSoraVAE_V1_2":
+        return OpenSoraVAE_V1_2(**options)
+    if type_name == "VideoAutoencoderPipeline":
+        for key in ("vae_2d", "vae_temporal"):
+            if not isinstance(options.get(key), dict):
+                raise ConfigError(f"vae.{key} is required for VideoAutoencoderPipeline: a dict with its type")
+        return build_pipeline(options.pop("vae_2d"), options.pop("vae_temporal"), **options)
+    weights = options.pop("from_pretrained", None)
+    model = VAE_Temporal_SD(**options)
+    if weights:
+        load_model_weights(model, weights, type_name=type_name, section="vae")
+    return model
 
 
 def build_text_encoder(
     cfg: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
     """Build the text encoder named by `cfg["type"]` (frozen, eval mode) on `device`."""
-    from opensora_core.models.text_encoder import T5Encoder
+    from opensora_core.models.text_encoder import ClipEncoder, T5Encoder
 
-    check_type("text_encoder", cfg.get("type"), TEXT_ENCODER_TYPES, AVAILABLE_TEXT_ENCODER_TYPES)
+    type_name = check_type("text_encoder", cfg.get("type"), TEXT_ENCODER_TYPES, AVAILABLE_TEXT_ENCODER_TYPES)
     options = {k: v for k, v in cfg.items() if k != "type"}
-    valid = {
-        "from_pretrained",
-        "model_max_length",
-        "cache_dir",
-        "local_files_only",
-        "shardformer",
-        "subfolder",
-    }
+    valid = TEXT_ENCODER_OPTIONS[type_name]
     for key in options:
         if key not in valid:
-            raise ConfigError(f"text_encoder.{key} is not a t5 option; valid: {', '.join(sorted(valid))}")
+            raise ConfigError(
+                f"text_encoder.{key} is not a {type_name} option; valid: {', '.join(sorted(valid))}"
+            )
+    encoder_class, kind = {"t5": (T5Encoder, "T5"), "clip": (ClipEncoder, "CLIP")}[type_name]
     if not options.get("from_pretrained"):
-        raise ConfigError("text_encoder.from_pretrained is required: a local T5 directory")
-    return T5Encoder(**options, device=device, dtype=dtype)
+        raise ConfigError(f"text_encoder.from_pretrained is required: a local {kind} directory")
+    return encoder_class(**options, device=device, dtype=dtype)

@@ -118,6 +118,15 @@ def select_frames(x_mask: Tensor, x: Tensor, x_cond: Tensor, T: int, S: int) -> 
     return out.view(B, N, C)
 
 
+def caption_key_mask(mask: Tensor | None, batch: int) -> Tensor | None:
+    """Text-encoder attention mask [B', L] -> key mask [batch, L] bool (True = real token), or None."""
+    if mask is None:
+        return None
+    if mask.shape[0] != batch:  # CFG doubles the batch but passes the conditional mask only
+        mask = mask.repeat(batch // mask.shape[0], 1)
+    return mask.reshape(batch, -1) != 0
+
+
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """[N] scalars -> [N, dim] float32 features, cosines first (the layout the released weights expect)."""
     half = dim // 2
@@ -581,11 +590,7 @@ class STDiT3(nn.Module):
         if not self.skip_y_embedder:
             y = self.y_embedder(y, self.training)
         y = y.squeeze(1)
-        if mask is None:
-            return y, None
-        if mask.shape[0] != y.shape[0]:  # CFG doubles the batch but passes the conditional mask only
-            mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
-        return y, mask.reshape(y.shape[0], -1) != 0
+        return y, caption_key_mask(mask, y.shape[0])
 
     def forward(
         self,

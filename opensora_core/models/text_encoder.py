@@ -1,4 +1,4 @@
-"""T5 text encoder: prompts -> padded caption features and mask, plus the model's null caption for CFG."""
+"""Text encoders (T5, CLIP): prompts -> caption features [B, 1, L, D], plus the model's null caption for CFG."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from opensora_core.errors import CheckpointError
+from opensora_core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +18,26 @@ def _log_shardformer_ignored() -> None:
     log.info("text_encoder.shardformer=True is ignored here: T5 runs as a plain transformers model")
 
 
-class T5Encoder:
-    """Frozen transformers T5 encoder and its tokenizer, loaded with `from_pretrained` from a local directory.
+class LearnedNullCaption:
+    """The null caption for classifier-free guidance is the diffusion model's learned `y_embedding`.
 
-    Not an nn.Module on purpose: samplers attach the diffusion model's `y_embedder` to it (for `null`),
-    and that must not become a submodule of the text encoder.
+    Text encoders are not nn.Modules on purpose: samplers attach the diffusion model's `y_embedder`
+    to them (for `null`), and that must not become a submodule of the text encoder.
     """
+
+    y_embedder: nn.Module | None = None  # set to the diffusion model's y_embedder before `null`
+
+    def null(self, n: int) -> Tensor:
+        """The learned null caption [n, 1, L, D] of the diffusion model (classifier-free guidance)."""
+        if self.y_embedder is None:
+            raise RuntimeError(
+                "set text_encoder.y_embedder = model.y_embedder before asking for null captions"
+            )
+        return self.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
+
+
+class T5Encoder(LearnedNullCaption):
+    """Frozen transformers T5 encoder and its tokenizer, loaded with `from_pretrained` from a local directory."""
 
     def __init__(
         self,
@@ -75,10 +89,58 @@ class T5Encoder:
         y = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return {"y": y[:, None], "mask": mask}
 
-    def null(self, n: int) -> Tensor:
-        """The learned null caption [n, 1, L, D] of the diffusion model (classifier-free guidance)."""
-        if self.y_embedder is None:
-            raise RuntimeError(
-                "set text_encoder.y_embedder = model.y_embedder before asking for null captions"
+
+class ClipEncoder(LearnedNullCaption):
+    """Frozen transformers CLIP text model and CLIPTokenizer from a local directory (Open-Sora's `clip`).
+
+    The caption is CLIP's pooled embedding (the end-of-text token's state) as a single token,
+    y = [B, 1, 1, D]; there is no mask since that token is always real. As in Open-Sora, prompts are
+    padded to `model_max_length` and run without an attention mask: CLIP's causal attention keeps the
+    padding from reaching the pooled token. Meant for the class-style caption embedders of DiT / Latte,
+    whose null caption is one token too.
+    """
+
+    def __init__(
+        self,
+        from_pretrained: str,
+        *,
+        model_max_length: int = 77,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only}
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(from_pretrained, **kwargs)
+            self.model: nn.Module = CLIPTextModel.from_pretrained(from_pretrained, **kwargs)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(
+                f"text_encoder.from_pretrained={from_pretrained}: cannot load a CLIP text model and tokenizer ({err})"
+            ) from err
+        positions = self.model.config.max_position_embeddings
+        if model_max_length > positions:
+            raise ConfigError(
+                f"text_encoder.model_max_length={model_max_length}: the CLIP model at {from_pretrained} "
+                f"has {positions} positions; use at most {positions}"
             )
-        return self.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
+        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model_max_length = model_max_length
+        self.output_dim: int = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """{"y": [B, 1, 1, D]}: each prompt's pooled CLIP embedding."""
+        tokens = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.model_max_length,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        pooled = self.model(input_ids=tokens["input_ids"].to(self.device)).pooler_output
+        return {"y": pooled[:, None, None]}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,26 +20,36 @@ class VideoAutoencoderKL(nn.Module):
 
     def __init__(
         self,
-        from_pretrained: str,
+        from_pretrained: str | None = None,
         *,
         micro_batch_size: int | None = None,
         cache_dir: str | None = None,
         local_files_only: bool = False,
         subfolder: str | None = None,
         scaling_factor: float = 0.18215,
+        config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        try:
-            self.module = AutoencoderKL.from_pretrained(
-                from_pretrained, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only
-            )
-        except (OSError, ValueError) as err:
-            where = f"{from_pretrained}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-            raise CheckpointError(
-                f"vae.from_pretrained={where}: cannot load a diffusers AutoencoderKL ({err})"
-            ) from err
+        if (from_pretrained is None) == (config is None):
+            raise ValueError("give exactly one of from_pretrained (weights) or config (architecture only)")
+        if config is not None:
+            # Random weights: for wrappers whose own checkpoint carries this VAE's weights.
+            self.module = AutoencoderKL.from_config(dict(config))
+        else:
+            try:
+                self.module = AutoencoderKL.from_pretrained(
+                    from_pretrained,
+                    subfolder=subfolder,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
+            except (OSError, ValueError) as err:
+                where = f"{from_pretrained}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+                raise CheckpointError(
+                    f"vae.from_pretrained={where}: cannot load a diffusers AutoencoderKL ({err})"
+                ) from err
         self.module.requires_grad_(False)
         self.module.eval()
         config = self.module.config

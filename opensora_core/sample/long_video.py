@@ -2,8 +2,8 @@
 each prompt's `mask_strategy`, and loop generations that continue from the previous clip's end.
 
 Latent frames vs pixel frames: the KL VAE works frame by frame, so one latent frame is one pixel
-frame and `condition_frame_length` counts both. Open-Sora's v1.2 VAE maps 17 pixel frames to 5
-latent frames; `pixel_frames` is the one place that mapping goes when that VAE lands.
+frame and `condition_frame_length` counts both. Open-Sora's v1.2 VAE maps each 17-frame chunk to 5
+latent frames; `pixel_frames` is the one place that mapping lives.
 """
 
 from __future__ import annotations
@@ -42,10 +42,23 @@ def has_temporal_compression(vae: object) -> bool:
 
 
 def pixel_frames(vae: object, latent_frames: int) -> int:
-    """Pixel frames covered by `latent_frames`: the same number for the frame-wise KL VAE."""
-    if has_temporal_compression(vae):
-        raise ConfigError(f"vae: temporally compressing VAEs ({type(vae).__name__}) are not supported yet")
-    return latent_frames
+    """Pixel frames covered by `latent_frames`: the same number for the frame-wise KL VAE, whole
+    chunks for a chunked temporal VAE (v1.2: 5 latent -> 17 pixel frames, as Open-Sora's dframe_to_frame)."""
+    if not has_temporal_compression(vae):
+        return latent_frames
+    latent_chunk = getattr(vae, "micro_z_frame_size", None)
+    pixel_chunk = getattr(vae, "micro_frame_size", None)
+    if latent_chunk is None or pixel_chunk is None:
+        raise ConfigError(
+            f"vae: {type(vae).__name__} without micro_frame_size has no fixed pixel length per latent frame; "
+            "set vae.micro_frame_size (17 for OpenSoraVAE_V1_2)"
+        )
+    if latent_frames % latent_chunk:
+        raise ConfigError(
+            f"condition_frame_length={latent_frames}: must be a multiple of {latent_chunk} latent frames "
+            f"(one {pixel_chunk}-frame VAE chunk) with {type(vae).__name__}"
+        )
+    return latent_frames // latent_chunk * pixel_chunk
 
 
 def read_reference(path: str | Path, image_size: tuple[int, int]) -> Tensor:
@@ -118,6 +131,7 @@ def generate_long(
             f"condition_frame_length={condition_frame_length}: must be between 1 and "
             f"{latent_frames - 1} (num_frames={num_frames} gives {latent_frames} latent frames) when loop > 1"
         )
+    overlap = pixel_frames(parts.vae, condition_frame_length) if loop > 1 else 0  # checked before sampling
     generator = torch.Generator(device="cpu").manual_seed(seed)
     encoder_generator = torch.Generator(device="cpu").manual_seed(seed)
     references = [
@@ -163,6 +177,5 @@ def generate_long(
         )
         latents.append(out)
         clips.append(parts.vae.decode(out.to(parts.dtype), num_frames=num_frames).float())
-    overlap = pixel_frames(parts.vae, condition_frame_length)
     video = torch.cat([clips[0]] + [clip[:, :, overlap:] for clip in clips[1:]], dim=2)
     return LongVideo(video=video, latents=latents, references=references)

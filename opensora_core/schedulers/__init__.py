@@ -6,23 +6,24 @@ import inspect
 from typing import Any
 
 from opensora_core.errors import ConfigError
+from opensora_core.schedulers.dpm_solver import DPMSolver
+from opensora_core.schedulers.iddpm import IDDPM, IDDPMSpeed
 from opensora_core.schedulers.rflow import RFlow
 
-# Every name an Open-Sora config may use; only some are built here so far.
+# Every name an Open-Sora config may use.
 SCHEDULER_TYPES: tuple[str, ...] = ("iddpm", "iddpm-speed", "dpm-solver", "rflow")
-SCHEDULERS = {"rflow": RFlow}
+# Types with no training loss: a training config naming one is rejected when it is loaded.
+SAMPLING_ONLY_SCHEDULERS: tuple[str, ...] = ("dpm-solver",)
+SCHEDULERS = {"iddpm": IDDPM, "iddpm-speed": IDDPMSpeed, "dpm-solver": DPMSolver, "rflow": RFlow}
+Scheduler = IDDPM | DPMSolver | RFlow
 
 
-def build_scheduler(cfg: dict[str, Any]) -> RFlow:
+def build_scheduler(cfg: dict[str, Any]) -> Scheduler:
     """The scheduler named by `cfg["type"]`, built from the other keys of the config's `scheduler` dict."""
     type_name = cfg.get("type")
     if type_name not in SCHEDULER_TYPES:
         raise ConfigError(
             f"scheduler.type={type_name!r} is not a known type; valid: {', '.join(SCHEDULER_TYPES)}"
-        )
-    if type_name not in SCHEDULERS:
-        raise ConfigError(
-            f"scheduler.type={type_name!r} is not available in this build yet; available: {', '.join(SCHEDULERS)}"
         )
     cls = SCHEDULERS[type_name]
     valid = [name for name in inspect.signature(cls).parameters if name != "self"]
@@ -33,4 +34,12 @@ def build_scheduler(cfg: dict[str, Any]) -> RFlow:
     return cls(**options)
 
 
-__all__ = ["SCHEDULER_TYPES", "build_scheduler", "RFlow"]
+__all__ = [
+    "SAMPLING_ONLY_SCHEDULERS",
+    "SCHEDULER_TYPES",
+    "build_scheduler",
+    "DPMSolver",
+    "IDDPM",
+    "IDDPMSpeed",
+    "RFlow",
+]
