@@ -94,13 +94,27 @@ def log_config(run_id: str, cfg: Mapping[str, Any], config_path: str | Path | No
         client.log_artifact(run_id, str(config_path), artifact_path="config")
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int, *, wait: bool = True) -> None:
+    """Log metrics at `step`, stamped now. `wait=False` queues them for MLflow's background logger, so a
+    training step never waits on the tracking server (or its retries while it restarts); `flush` at the end."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    _client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    _client().log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=wait
+    )
+
+
+def flush() -> None:
+    """Wait for metrics queued with `wait=False`; a tracking server that stays down is reported, not raised."""
+    import mlflow
+
+    try:
+        mlflow.flush_async_logging()
+    except Exception as err:  # the run's results are on disk; losing some metric points must not fail it
+        log.warning("MLflow: queued metrics could not all be logged: %s", str(err).splitlines()[0][:300])
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:

@@ -23,8 +23,12 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     Open-Sora; decay=0 copies the weights.
     """
     ema_params = dict(ema.named_parameters())
+    targets, sources = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad or "pos_embed" in name:
             continue
-        target = ema_params[name]
-        target.mul_(decay).add_(param.detach().to(target.dtype), alpha=1.0 - decay)
+        targets.append(ema_params[name])
+        sources.append(param.detach().to(ema_params[name].dtype))
+    if targets:  # one fused kernel per op over all tensors instead of two per parameter
+        torch._foreach_mul_(targets, decay)
+        torch._foreach_add_(targets, sources, alpha=1.0 - decay)

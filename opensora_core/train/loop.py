@@ -252,7 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         metrics["samples_per_s"], bucket,
                     )  # fmt: skip
                     if run_id:
-                        tracking.log_metrics(run_id, metrics, step=global_step)
+                        tracking.log_metrics(run_id, metrics, step=global_step, wait=False)
                         if bucket not in logged_buckets:
                             tracking.set_tags(run_id, {f"bucket.{int(metrics['bucket'])}": bucket})
                             logged_buckets.add(bucket)
@@ -290,6 +290,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if done:
                 break
         start_step = 0
+    if run_id:
+        tracking.flush()  # metrics queued during training reach MLflow before the run is reported done
 
 
 def _report(metrics: dict[str, float], checkpoint_dir: Any, rank: int) -> None:
