@@ -164,6 +164,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from %s at epoch %d step %d (global step %d)", resume_from, *_position(states))
 
+    if run_id:
+        # Also opens the tracking store now: its first use costs seconds (imports, a schema check with a
+        # SQLite store), which would otherwise land inside the first logged step.
+        tracking.set_tags(
+            run_id,
+            {
+                "train.world_size": str(world_size),
+                "train.dp_size": str(layout.dp_size),
+                "train.sp_size": str(sp_size),
+                "train.start_global_step": str(global_step),
+            },
+        )
+
     # ---- train
     loss_window: list[float] = []
     bucket_ids = {bucket: i for i, bucket in enumerate(loader.bucket_names)}
