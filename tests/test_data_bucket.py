@@ -320,3 +320,25 @@ def test_assignment_is_the_same_whatever_the_chunking():
     ]
     for field in ("resolution_index", "num_frames", "aspect_index", "height", "width"):
         assert (np.concatenate([getattr(p, field) for p in parts]) == getattr(whole, field)).all()
+
+
+def test_key_hashes_depend_only_on_each_key(monkeypatch):
+    import pyarrow as pa
+
+    from opensora_core.data import bucket as bucket_module
+    from opensora_core.data.bucket import key_hashes
+
+    keys = ["", "a", "/data/clip_0001.mp4", "/données/é.mp4", "x" * 300, "a\x00"]
+    whole = key_hashes(keys)
+    assert len(set(whole.tolist())) == len(keys)  # "a" and "a\x00" differ too
+    assert (key_hashes(pa.array(keys, pa.large_string())) == whole).all()
+    assert (key_hashes(pa.chunked_array([keys[:2], keys[2:]])) == whole).all()
+    assert (key_hashes(pa.array(keys).slice(2)) == whole[2:]).all()
+    assert (key_hashes(keys[::-1]) == whole[::-1]).all()
+    # hashing in chunks smaller than one key gives the same values
+    monkeypatch.setattr(bucket_module, "_HASH_CHUNK_BYTES", 7)
+    bucket_module._base_powers.cache_clear()
+    try:
+        assert (key_hashes(keys) == whole).all()
+    finally:
+        bucket_module._base_powers.cache_clear()

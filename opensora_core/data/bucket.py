@@ -315,12 +315,13 @@ def key_hashes(sample_keys: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedAr
         arr = arr.cast(pa.string())
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.string())
-    arr = arr.cast(pa.large_string())  # int64 offsets: one code path
     n = len(arr)
     out = np.empty(n, dtype=np.uint64)
     if n == 0:
         return out
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    offset_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32  # read in place, no copy
+    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type)[arr.offset : arr.offset + n + 1]
+    offsets = offsets.astype(np.int64)
     data_buffer = arr.buffers()[2]
     data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
     up, down = _base_powers(_HASH_CHUNK_BYTES + 1)  # a key may start right at the end of a chunk
