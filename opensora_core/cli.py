@@ -127,6 +127,14 @@ def cmd_demo_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from opensora_core.doctor import environment_checks, format_report, service_checks
+
+    checks = environment_checks() + service_checks()
+    print(format_report(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opensora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list model types with their parameter counts")
     models.set_defaults(func=cmd_models)
+
+    doctor = sub.add_parser(
+        "doctor", help="check torch/CUDA, kernels, DeepSpeed, Ray and the services; say which path will run"
+    )
+    doctor.set_defaults(func=cmd_doctor)
 
     demo = sub.add_parser("demo-data", help="write synthetic captioned media and tiny random weights")
     demo.add_argument("dir")

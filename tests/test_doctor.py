@@ -1,0 +1,69 @@
+"""`opensora doctor`: environment report and service reachability."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+
+from opensora_core.cli import main as cli_main
+from opensora_core.doctor import service_checks
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_doctor_reports_the_cpu_paths_and_exits_zero_without_services(capsys, monkeypatch):
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli_main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "torch SDPA" in out  # no flash-attn on this CPU machine
+    assert "torch.nn.LayerNorm" in out
+    assert "backend gloo" in out
+    assert "PyAV" in out
+    assert "RAY_ADDRESS unset" in out
+    assert out.strip().endswith("0 problem(s)")
+
+
+def test_unreachable_service_is_a_problem_with_its_address(capsys, monkeypatch):
+    port = closed_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert cli_main(["doctor"]) == 1
+    line = next(line for line in capsys.readouterr().out.splitlines() if "mlflow" in line)
+    assert line.startswith("BAD") and f"127.0.0.1:{port}" in line and "unreachable" in line
+
+
+def test_reachable_services_are_ok():
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path.endswith("/health") else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        checks = {
+            c.name: c
+            for c in service_checks(
+                {
+                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+                    "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                    "RAY_ADDRESS": f"127.0.0.1:{port}",
+                }
+            )
+        }
+    finally:
+        server.shutdown()
+    assert all(c.ok for c in checks.values()), checks
+    assert checks["prefect"].detail.endswith("HTTP 200")
+    assert checks["ray cluster"].detail.endswith("port open")
