@@ -24,7 +24,9 @@ from opensora_core.models.vae_pipeline import (
 from opensora_core.models.vae_temporal import CausalConv3d, VAE_Temporal_SD
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASED = json.loads(Path("/work/shared/spec/state-dicts.json").read_text())["models"]  # as the other model tests
+RELEASED = json.loads(Path("/work/shared/spec/state-dicts.json").read_text())[
+    "models"
+]  # as the other model tests
 
 
 def released_layout(type_name: str) -> list[tuple[str, list[int]]]:
