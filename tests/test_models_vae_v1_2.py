@@ -24,9 +24,8 @@ from opensora_core.models.vae_pipeline import (
 from opensora_core.models.vae_temporal import CausalConv3d, VAE_Temporal_SD
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASED = json.loads(Path("/work/shared/spec/state-dicts.json").read_text())[
-    "models"
-]  # as the other model tests
+SPEC = Path("/work/shared/spec")  # as the other model tests
+RELEASED = json.loads((SPEC / "state-dicts.json").read_text())["models"]
 
 
 def released_layout(type_name: str) -> list[tuple[str, list[int]]]:
