@@ -29,6 +29,7 @@ from opensora_core.models.stdit3 import (
     TimestepEmbedder,
     caption_key_mask,
     flash_attn_func,
+    freeze_parameters,
     make_layernorm,
     modulate,
 )
@@ -171,10 +172,7 @@ class PixArt(FixedSizeModel):
         if size_conditioning:  # created after the init, so they keep torch's default init as in PixArt
             self.csize_embedder = SizeEmbedder(hidden_size // 3)
             self.ar_embedder = SizeEmbedder(hidden_size // 3)
-        if freeze == "text":
-            for name, param in self.named_parameters():
-                if "cross_attn" in name:
-                    param.requires_grad_(False)
+        freeze_parameters(self, freeze)  # only None or "text" get here
 
     def initialize_weights(self) -> None:
         """PixArt's init: cross-attention and output layers start at zero."""

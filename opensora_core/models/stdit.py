@@ -27,6 +27,7 @@ from opensora_core.models.stdit3 import (
     TimestepEmbedder,
     caption_key_mask,
     flash_attn_func,
+    freeze_parameters,
     make_layernorm,
     modulate,
     select_frames,
@@ -202,13 +203,7 @@ class STDiT(FixedSizeModel):
         self.final_layer = FinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
 
         self.initialize_weights()
-        if freeze == "not_temporal":
-            for name, param in self.named_parameters():
-                param.requires_grad_("attn_temp" in name)
-        elif freeze == "text":
-            for name, param in self.named_parameters():
-                if "cross_attn" in name:
-                    param.requires_grad_(False)
+        freeze_parameters(self, freeze)
 
     def initialize_weights(self) -> None:
         """PixArt's init; temporal attention outputs start at zero so a fresh model acts per frame."""

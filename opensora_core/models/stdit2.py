@@ -32,9 +32,11 @@ from opensora_core.models.stdit3 import (
     TimestepEmbedder,
     caption_key_mask,
     flash_attn_func,
+    freeze_parameters,
     make_layernorm,
     modulate,
     select_frames,
+    unpatchify,
 )
 
 # `freeze` values Open-Sora v1.1 accepts: train only the temporal attention, or keep cross-attention fixed.
@@ -267,13 +269,7 @@ class STDiT2(nn.Module):
         self.fps_embedder = SizeEmbedder(hidden_size)
 
         self.initialize_weights()
-        if freeze == "not_temporal":
-            for name, param in self.named_parameters():
-                param.requires_grad_("attn_temp" in name)
-        elif freeze == "text":
-            for name, param in self.named_parameters():
-                if "cross_attn" in name:
-                    param.requires_grad_(False)
+        freeze_parameters(self, freeze)
         self.rope.freqs.requires_grad_(False)
 
     def initialize_weights(self) -> None:
@@ -388,12 +384,7 @@ class STDiT2(nn.Module):
         return self.unpatchify(x, T, H, W, Tx, Hx, Wx).float()
 
     def unpatchify(self, x: Tensor, T: int, H: int, W: int, Tx: int, Hx: int, Wx: int) -> Tensor:
-        """[B, T*H*W, pt*ph*pw*C_out] -> [B, C_out, Tx, Hx, Wx], cropping the patch padding."""
-        pt, ph, pw = self.patch_size
-        B = x.shape[0]
-        x = x.view(B, T, H, W, pt, ph, pw, self.out_channels)
-        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, T * pt, H * ph, W * pw)
-        return x[:, :, :Tx, :Hx, :Wx]
+        return unpatchify(x, self.patch_size, self.out_channels, T, H, W, Tx, Hx, Wx)
 
 
 # ----------------------------------------------------------------------------------------------

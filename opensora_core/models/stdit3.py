@@ -127,6 +127,28 @@ def caption_key_mask(mask: Tensor | None, batch: int) -> Tensor | None:
     return mask.reshape(batch, -1) != 0
 
 
+def freeze_parameters(model: nn.Module, freeze: str | None) -> None:
+    """Open-Sora's `freeze`: "not_temporal" trains only temporal attention, "text" fixes cross-attention."""
+    if freeze == "not_temporal":
+        for name, param in model.named_parameters():
+            param.requires_grad_("attn_temp" in name)
+    elif freeze == "text":
+        for name, param in model.named_parameters():
+            if "cross_attn" in name:
+                param.requires_grad_(False)
+
+
+def unpatchify(
+    x: Tensor, patch_size: Sequence[int], out_channels: int, T: int, H: int, W: int, Tx: int, Hx: int, Wx: int
+) -> Tensor:
+    """[B, T*H*W, pt*ph*pw*C_out] -> [B, C_out, Tx, Hx, Wx], cropping the patch padding."""
+    pt, ph, pw = patch_size
+    B = x.shape[0]
+    x = x.view(B, T, H, W, pt, ph, pw, out_channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, out_channels, T * pt, H * ph, W * pw)
+    return x[:, :, :Tx, :Hx, :Wx]
+
+
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """[N] scalars -> [N, dim] float32 features, cosines first (the layout the released weights expect)."""
     half = dim // 2
@@ -654,12 +676,7 @@ class STDiT3(nn.Module):
         return block(*args)
 
     def unpatchify(self, x: Tensor, T: int, H: int, W: int, Tx: int, Hx: int, Wx: int) -> Tensor:
-        """[B, T*H*W, pt*ph*pw*C_out] -> [B, C_out, Tx, Hx, Wx], cropping the patch padding."""
-        pt, ph, pw = self.patch_size
-        B = x.shape[0]
-        x = x.view(B, T, H, W, pt, ph, pw, self.out_channels)
-        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, T * pt, H * ph, W * pw)
-        return x[:, :, :Tx, :Hx, :Wx]
+        return unpatchify(x, self.patch_size, self.out_channels, T, H, W, Tx, Hx, Wx)
 
 
 # ----------------------------------------------------------------------------------------------
