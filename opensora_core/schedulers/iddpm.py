@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opensora_core.errors import ConfigError
-from opensora_core.schedulers.rflow import mean_flat
+from opensora_core.schedulers.rflow import guided_model_args, mean_flat
 
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
@@ -387,11 +387,7 @@ class IDDPM:
         the first half, so a seeded run matches theirs.
         """
         scale = self.cfg_scale if guidance_scale is None else guidance_scale
-        n = len(prompts)
-        model_args = dict(text_encoder.encode(prompts))
-        model_args["y"] = torch.cat([model_args["y"], text_encoder.null(n).to(model_args["y"])], 0)
-        if additional_args is not None:
-            model_args.update(additional_args)
+        model_args = guided_model_args(text_encoder, prompts, additional_args)
         caller_x_mask = model_args.pop("x_mask", None)
         if caller_x_mask is not None and caller_x_mask.shape[0] == z.shape[0]:
             caller_x_mask = torch.cat([caller_x_mask, caller_x_mask], 0)

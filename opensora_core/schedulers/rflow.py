@@ -66,6 +66,16 @@ def mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:
     return (per_frame * m[:, :, None]).sum(dim=(1, 2)) / (m.sum(dim=1) * per_frame.shape[-1])
 
 
+def guided_model_args(text_encoder: Any, prompts: list[str], additional_args: dict[str, Any] | None) -> dict:
+    """Model kwargs for a classifier-free-guidance batch: captions then null captions in `y`, plus extras."""
+    model_args = dict(text_encoder.encode(prompts))
+    null = text_encoder.null(len(prompts)).to(model_args["y"])
+    model_args["y"] = torch.cat([model_args["y"], null], 0)
+    if additional_args is not None:
+        model_args.update(additional_args)
+    return model_args
+
+
 class RFlow:
     """Open-Sora's `rflow` scheduler: `training_losses` for training, `sample` for generation."""
 
@@ -197,11 +207,7 @@ class RFlow:
         in between = re-noise that frame from t = mask * N onwards (partial edit).
         """
         scale = self.cfg_scale if guidance_scale is None else guidance_scale
-        n = len(prompts)
-        model_args = dict(text_encoder.encode(prompts))
-        model_args["y"] = torch.cat([model_args["y"], text_encoder.null(n).to(model_args["y"])], 0)
-        if additional_args is not None:
-            model_args.update(additional_args)
+        model_args = guided_model_args(text_encoder, prompts, additional_args)
 
         timesteps = self.timesteps(z.shape[0], z.device, additional_args)
         if mask is not None:
