@@ -262,6 +262,22 @@ class BucketAssignment:
         )
 
 
+def assign_table(
+    table: pa.Table, cfg: BucketConfig, frame_interval: int, seed: int, epoch: int
+) -> BucketAssignment:
+    """`assign_buckets` on a metadata table's num_frames, height, width and path columns."""
+    return assign_buckets(
+        table["num_frames"].to_numpy(zero_copy_only=False),
+        table["height"].to_numpy(zero_copy_only=False),
+        table["width"].to_numpy(zero_copy_only=False),
+        table["path"],
+        cfg,
+        frame_interval,
+        seed,
+        epoch,
+    )
+
+
 # Every resolution's ratio keys in one flat column, so per-sample names are a single `take`.
 _RATIO_KEY_BASE = np.cumsum([0, *(len(RATIO_TABLES[r]) for r in RESOLUTIONS)])[:-1].astype(np.int32)
 _RATIO_KEYS = pa.array([k for r in RESOLUTIONS for k in RATIO_TABLES[r]], type=pa.string())
@@ -406,8 +422,6 @@ def assign_buckets(
     res_out = np.full(n, -1, dtype=np.int16)
     t_out = np.full(n, -1, dtype=np.int32)
     ar_out = np.full(n, -1, dtype=np.int16)
-    h_out = np.full(n, -1, dtype=np.int32)
-    w_out = np.full(n, -1, dtype=np.int32)
     pending = np.ones(n, dtype=bool)
     area5 = 5 * h * w  # H*W >= 0.8*pixels, in integers so the threshold is exact
     is_image = frames == 1
@@ -448,14 +462,11 @@ def assign_buckets(
         pending[rows] = False
         table = RATIO_TABLES[rb.resolution]
         ratio_values = np.array([float(k) for k in table], dtype=np.float64)
-        sizes = np.array(list(table.values()), dtype=np.int32)
         for start in range(0, len(rows), _AR_CHUNK):
             block = rows[start : start + _AR_CHUNK]
             ar = h[block] / w[block]
             # argmin returns the first minimum: ties go to the earlier key, as in the table order.
             j = np.abs(ratio_values[None, :] - ar[:, None]).argmin(axis=1)
             ar_out[block] = j
-            h_out[block] = sizes[j, 0]
-            w_out[block] = sizes[j, 1]
 
-    return BucketAssignment(res_out, t_out, ar_out, h_out, w_out)
+    return BucketAssignment.from_indices(res_out, t_out, ar_out)  # target sizes from the tables

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from opensora_core.data.aspect import RATIO_TABLES, RESOLUTIONS
-from opensora_core.data.bucket import BucketConfig, BucketKey, assign_buckets
+from opensora_core.data.bucket import BucketConfig, BucketKey, assign_table
 from opensora_core.data.snapshot import Snapshot
 from opensora_core.errors import ConfigError
 
@@ -89,16 +89,7 @@ class BucketBatchSampler:
         if self._drawn_for == (self.seed, self.epoch) and "bucket_res" in t.column_names:
             res_idx, frames, ar_idx = _stored_buckets(t)
         else:
-            a = assign_buckets(
-                t["num_frames"].to_numpy(zero_copy_only=False),
-                t["height"].to_numpy(zero_copy_only=False),
-                t["width"].to_numpy(zero_copy_only=False),
-                t["path"],
-                self.bucket_cfg,
-                self.frame_interval,
-                self.seed,
-                self.epoch,
-            )
+            a = assign_table(t, self.bucket_cfg, self.frame_interval, self.seed, self.epoch)
             res_idx, frames, ar_idx = a.resolution_index.astype(np.int64), a.num_frames, a.aspect_index
         kept = np.flatnonzero(res_idx >= 0)
         code = (res_idx[kept] << 40) | (np.asarray(frames)[kept].astype(np.int64) << 12) | ar_idx[kept]

@@ -38,7 +38,7 @@ from opensora_core.data.bucket import (
     BucketAssignment,
     BucketConfig,
     BucketKey,
-    assign_buckets,
+    assign_table,
     key_hashes,
     splitmix64,
 )
@@ -201,16 +201,7 @@ def bucket_indices(
 
     This is what a Ray Data task returns: a few bytes per row instead of the whole metadata row.
     """
-    a = assign_buckets(
-        table["num_frames"].to_numpy(zero_copy_only=False),
-        table["height"].to_numpy(zero_copy_only=False),
-        table["width"].to_numpy(zero_copy_only=False),
-        table["path"],
-        cfg,
-        frame_interval,
-        seed,
-        epoch,
-    )
+    a = assign_table(table, cfg, frame_interval, seed, epoch)
     columns = {
         "resolution_index": a.resolution_index,
         "num_frames": a.num_frames,
@@ -247,8 +238,7 @@ def bucket_columns(
     table: pa.Table, cfg: BucketConfig, frame_interval: int, seed: int, epoch: int
 ) -> pa.Table:
     """`table` with the bucket columns (and the temporary sort key) appended."""
-    idx = bucket_indices(table, cfg, frame_interval, seed, epoch)
-    a = BucketAssignment.from_indices(*(idx[c].to_numpy() for c in _INDEX_COLUMNS))
+    a = assign_table(table, cfg, frame_interval, seed, epoch)
     columns = {**_named_bucket_columns(a), _ORDER_COLUMN: pa.array(_order_key(a), type=pa.int64())}
     for name, column in columns.items():
         if name in table.column_names:
