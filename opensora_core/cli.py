@@ -104,11 +104,7 @@ def cmd_models(ns: argparse.Namespace) -> int:
 
     width = max(len(name) for name in MODEL_TYPES)
     for name in MODEL_TYPES:
-        try:
-            count = f"{count_parameters(name):,}"
-        except OpenSoraError:
-            count = "(not available in this build yet)"
-        print(f"{name:<{width}}  {count}")
+        print(f"{name:<{width}}  {count_parameters(name):,}")
     return 0
 
 

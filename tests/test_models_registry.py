@@ -68,18 +68,18 @@ def test_open_sora_only_keys_are_accepted():
 
 def test_every_type_an_open_sora_config_may_name_is_built():
     from opensora_core.models.registry import (
-        AVAILABLE_TEXT_ENCODER_TYPES,
-        AVAILABLE_VAE_TYPES,
         MODEL_TYPES,
         MODELS,
+        TEXT_ENCODER_OPTIONS,
         TEXT_ENCODER_TYPES,
+        VAE_OPTIONS,
         VAE_TYPES,
     )
     from opensora_core.schedulers import SCHEDULER_TYPES, SCHEDULERS
 
     assert set(MODELS) == set(MODEL_TYPES)
-    assert set(AVAILABLE_VAE_TYPES) == set(VAE_TYPES)
-    assert set(AVAILABLE_TEXT_ENCODER_TYPES) == set(TEXT_ENCODER_TYPES)
+    assert set(VAE_OPTIONS) == set(VAE_TYPES)
+    assert set(TEXT_ENCODER_OPTIONS) == set(TEXT_ENCODER_TYPES)
     assert set(SCHEDULERS) == set(SCHEDULER_TYPES)
 
 

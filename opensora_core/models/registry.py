@@ -52,13 +52,6 @@ MODELS = {
     **LATTE_MODELS,
     **PIXART_MODELS,
 }
-AVAILABLE_VAE_TYPES: tuple[str, ...] = (
-    "VideoAutoencoderKL",
-    "OpenSoraVAE_V1_2",
-    "VAE_Temporal_SD",
-    "VideoAutoencoderPipeline",
-)
-AVAILABLE_TEXT_ENCODER_TYPES: tuple[str, ...] = ("t5", "clip")
 
 # Each VAE / text encoder type's config keys besides `type` (Open-Sora's constructor arguments).
 VAE_OPTIONS: dict[str, frozenset[str]] = {
@@ -144,14 +137,10 @@ DERIVED_MODEL_OPTIONS = ("in_channels", "caption_channels", "model_max_length")
 WEIGHT_FILES = ("ema.safetensors", "model.safetensors", "model.safetensors.index.json", "ema.pt", "model.pt")
 
 
-def check_type(section: str, type_name: Any, valid: tuple[str, ...], available: tuple[str, ...]) -> str:
-    """Return `type_name` if it is built here; otherwise a ConfigError naming what would work."""
+def check_type(section: str, type_name: Any, valid: tuple[str, ...]) -> str:
+    """Return `type_name` if it is one of `valid`; otherwise a ConfigError naming the valid types."""
     if type_name not in valid:
         raise ConfigError(f"{section}.type={type_name!r} is not a known type; valid: {', '.join(valid)}")
-    if type_name not in available:
-        raise ConfigError(
-            f"{section}.type={type_name!r} is not available in this build yet; available: {', '.join(available)}"
-        )
     return type_name
 
 
@@ -189,7 +178,7 @@ def build_model(
     cfg: dict[str, Any], *, in_channels: int, caption_channels: int, model_max_length: int
 ) -> nn.Module:
     """Build the diffusion model named by `cfg["type"]`; load `from_pretrained` strictly if given."""
-    type_name = check_type("model", cfg.get("type"), MODEL_TYPES, tuple(MODELS))
+    type_name = check_type("model", cfg.get("type"), MODEL_TYPES)
     kwargs = model_kwargs(
         cfg, in_channels=in_channels, caption_channels=caption_channels, model_max_length=model_max_length
     )
@@ -221,7 +210,7 @@ PUBLISHED_SETTINGS: dict[str, dict[str, Any]] = {
 
 def count_parameters(type_name: str) -> int:
     """Parameter count of a preset with its released settings (default: T5-XXL text, 4 latent channels), on meta."""
-    check_type("model", type_name, MODEL_TYPES, tuple(MODELS))
+    check_type("model", type_name, MODEL_TYPES)
     settings = {"in_channels": 4, "caption_channels": 4096, "model_max_length": 300}
     settings.update(PUBLISHED_SETTINGS.get(type_name, {}))
     with torch.device("meta"):
@@ -297,7 +286,7 @@ def build_vae(cfg: dict[str, Any]) -> nn.Module:
     from opensora_core.models.vae_pipeline import OpenSoraVAE_V1_2, build_pipeline
     from opensora_core.models.vae_temporal import VAE_Temporal_SD
 
-    type_name = check_type("vae", cfg.get("type"), VAE_TYPES, AVAILABLE_VAE_TYPES)
+    type_name = check_type("vae", cfg.get("type"), VAE_TYPES)
     options = {k: v for k, v in cfg.items() if k != "type"}
     if type_name == "VideoAutoencoderKL":
         options.pop("micro_frame_size", None)  # a v1.2 pipeline option; the KL VAE works frame by frame
@@ -329,7 +318,7 @@ def build_text_encoder(
     """Build the text encoder named by `cfg["type"]` (frozen, eval mode) on `device`."""
     from opensora_core.models.text_encoder import ClipEncoder, T5Encoder
 
-    type_name = check_type("text_encoder", cfg.get("type"), TEXT_ENCODER_TYPES, AVAILABLE_TEXT_ENCODER_TYPES)
+    type_name = check_type("text_encoder", cfg.get("type"), TEXT_ENCODER_TYPES)
     options = {k: v for k, v in cfg.items() if k != "type"}
     valid = TEXT_ENCODER_OPTIONS[type_name]
     for key in options:
