@@ -100,11 +100,25 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
-    from opensora_core.models.registry import MODEL_TYPES, count_parameters
+    from opensora_core.models.registry import (
+        MODEL_TYPES,
+        TEXT_ENCODER_TYPES,
+        VAE_TYPES,
+        count_component_parameters,
+        count_parameters,
+    )
+    from opensora_core.schedulers import SCHEDULER_TYPES
 
-    width = max(len(name) for name in MODEL_TYPES)
-    for name in MODEL_TYPES:
-        print(f"{name:<{width}}  {count_parameters(name):,}")
+    rows = [(name, f"{count_parameters(name):,}") for name in MODEL_TYPES]
+    rows += [(name, f"{count_component_parameters('vae', name):,}  (vae)") for name in VAE_TYPES]
+    rows += [
+        (name, f"{count_component_parameters('text_encoder', name):,}  (text encoder)")
+        for name in TEXT_ENCODER_TYPES
+    ]
+    rows += [(name, "0  (scheduler, no weights)") for name in SCHEDULER_TYPES]
+    width = max(len(name) for name, _ in rows)
+    for name, count in rows:
+        print(f"{name:<{width}}  {count}")
     return 0
 
 

@@ -330,3 +330,45 @@ def build_text_encoder(
     if not options.get("from_pretrained"):
         raise ConfigError(f"text_encoder.from_pretrained is required: a local {kind} directory")
     return encoder_class(**options, device=device, dtype=dtype)
+
+
+# Released architectures of the VAEs and text encoders, for `opensora models` (no weights needed).
+T5_XXL_CONFIG = dict(  # DeepFloyd/t5-v1_1-xxl, the encoder Open-Sora's configs name
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+)
+CLIP_B32_TEXT_CONFIG = dict(  # openai/clip-vit-base-patch32's text tower, Open-Sora's DiT/Latte configs
+    vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+    max_position_embeddings=77,
+)  # fmt: skip
+
+
+def count_component_parameters(section: str, type_name: str) -> int:
+    """Parameter count of a VAE or text encoder type at its released size, built on the meta device."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from opensora_core.models.vae import VideoAutoencoderKL
+    from opensora_core.models.vae_pipeline import SDXL_VAE_CONFIG, OpenSoraVAE_V1_2
+    from opensora_core.models.vae_temporal import VAE_Temporal_SD
+
+    builders = {
+        "vae": {
+            "VideoAutoencoderKL": lambda: VideoAutoencoderKL(config=SDXL_VAE_CONFIG),
+            "OpenSoraVAE_V1_2": OpenSoraVAE_V1_2,
+            "VideoAutoencoderPipeline": OpenSoraVAE_V1_2,  # the class behind OpenSoraVAE_V1_2
+            "VAE_Temporal_SD": VAE_Temporal_SD,
+        },
+        "text_encoder": {
+            "t5": lambda: T5EncoderModel(T5Config(**T5_XXL_CONFIG)),
+            "clip": lambda: CLIPTextModel(CLIPTextConfig(**CLIP_B32_TEXT_CONFIG)),
+        },
+    }[section]
+    check_type(section, type_name, tuple(builders))
+    with torch.device("meta"):
+        model = builders[type_name]()
+    return sum(p.numel() for p in model.parameters())
