@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,6 @@ pytestmark = [
 ]
 
 
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def client_env(state_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "PREFECT_"))}
     env["OPENSORA_STATE_DIR"] = str(state_dir)
@@ -46,10 +34,10 @@ def client_env(state_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(service_ports):
     # A short path under /tmp keeps Ray's Unix socket paths inside the AF_UNIX limit.
     state_dir = Path(tempfile.mkdtemp(prefix="ope2e-", dir="/tmp"))
-    ports = free_ports(6)
+    ports = service_ports(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSORA_")}
     env.update(
         OPENSORA_STATE_DIR=str(state_dir),

@@ -40,18 +40,6 @@ def _load_services():
 services = _load_services()
 
 
-def _free_ports(count: int) -> list[int]:
-    # Ports from the kernel's ephemeral range stay clear of Ray's worker ports (10002-19999).
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def _run(script: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(LOCAL / script)], env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -78,10 +66,10 @@ def _is_alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(service_ports):
     # A short path under /tmp keeps Ray's Unix socket paths inside the AF_UNIX limit.
     state_dir = Path(tempfile.mkdtemp(prefix="osvc-", dir="/tmp"))
-    ports = _free_ports(6)
+    ports = service_ports(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSORA_")}
     env.update(
         OPENSORA_STATE_DIR=str(state_dir),
