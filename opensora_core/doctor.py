@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from opensora_core.config.credentials import redact_url
+
 TIMEOUT_S = 3.0
 
 
@@ -93,12 +95,15 @@ def environment_checks() -> list[Check]:
 
 
 def _http_ok(url: str) -> tuple[bool, str]:
+    parts = urlparse(url)
+    if "@" in parts.netloc:  # reachability needs no login; keep the secret out of the request line
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             return True, f"HTTP {response.status}"
     except urllib.error.HTTPError as err:  # the server answered: it is up, the path may need auth
         return err.code < 500, f"HTTP {err.code}"
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a malformed URL
         reason = getattr(err, "reason", err)
         return False, f"unreachable ({reason})"
 
@@ -123,23 +128,23 @@ def service_checks(env: dict[str, str] | None = None) -> list[Check]:
         parsed = urlparse(ray_address if "://" in ray_address else f"ray://{ray_address}")
         port = parsed.port or (10001 if ray_address.startswith("ray://") else 6379)
         ok, detail = _tcp_ok(parsed.hostname or "127.0.0.1", port)
-        checks.append(Check("ray cluster", ok, f"{ray_address}: {detail}"))
+        checks.append(Check("ray cluster", ok, f"{redact_url(ray_address)}: {detail}"))
 
     mlflow_uri = env.get("MLFLOW_TRACKING_URI")
     if not mlflow_uri:
         checks.append(Check("mlflow", True, "MLFLOW_TRACKING_URI unset: runs are not tracked"))
     elif mlflow_uri.startswith(("http://", "https://")):
         ok, detail = _http_ok(mlflow_uri.rstrip("/") + "/health")
-        checks.append(Check("mlflow", ok, f"{mlflow_uri}: {detail}"))
+        checks.append(Check("mlflow", ok, f"{redact_url(mlflow_uri)}: {detail}"))
     else:
-        checks.append(Check("mlflow", True, f"{mlflow_uri}: local store, no server"))
+        checks.append(Check("mlflow", True, f"{redact_url(mlflow_uri)}: local store, no server"))
 
     prefect_api = env.get("PREFECT_API_URL")
     if not prefect_api:
         checks.append(Check("prefect", True, "PREFECT_API_URL unset: flows run ephemerally, no UI"))
     else:
         ok, detail = _http_ok(prefect_api.rstrip("/") + "/health")
-        checks.append(Check("prefect", ok, f"{prefect_api}: {detail}"))
+        checks.append(Check("prefect", ok, f"{redact_url(prefect_api)}: {detail}"))
     return checks
 
 

@@ -115,3 +115,15 @@ def test_every_checkpoint_is_sampled_and_logged_to_every_run_at_its_step(
         ("eval-run", 8, names),
         ("train-run", 8, names),
     ]
+
+
+def test_evaluate_never_runs_the_config_saved_in_a_checkpoint(tmp_path: Path) -> None:
+    """A config is Python: the copy inside a checkpoint (possibly from elsewhere) is never loaded on its own."""
+    from opensora_core.cli import main as cli_main
+
+    config = eval_config(tmp_path)
+    checkpoint = write_checkpoint(tmp_path / "run", load_config(config), 0, 2)
+    marker = tmp_path / "config_in_checkpoint_ran"
+    (checkpoint / "config.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    assert cli_main(["evaluate", str(config), "--checkpoint", str(checkpoint)]) == 0
+    assert not marker.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import ipaddress
 import json
 import os
 import shutil
@@ -248,6 +249,30 @@ def test_flow_run_on_the_worker_reaches_ray_and_mlflow(stack, tmp_path):
 
     metrics = MlflowClient(tracking_uri=settings.mlflow_url).get_run(data["run_id"]).data.metrics
     assert metrics == {"doubled": 42.0}
+
+
+def test_every_service_process_listens_on_loopback_only(stack):
+    import psutil
+
+    settings, _, _ = stack
+    listening = {}
+    for name in services.SERVICE_NAMES:
+        leader = int(settings.pid_file(name).read_text())
+        for pid in services._session_members(leader):
+            try:
+                connections = psutil.Process(pid).net_connections(kind="inet")
+            except psutil.Error:  # gone meanwhile
+                continue
+            for conn in connections:
+                if conn.status == psutil.CONN_LISTEN:
+                    listening[(name, pid, conn.laddr.port)] = conn.laddr.ip
+    assert len({port for (_, _, port) in listening}) >= 4  # at least the four configured service ports
+
+    def is_loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 counts
+
+    assert {key: ip for key, ip in listening.items() if not is_loopback(ip)} == {}
 
 
 def test_down_stops_every_process_and_frees_the_ports(stack):

@@ -174,7 +174,10 @@ def test_resumed_engine_repeats_the_next_losses(tmp_path):
     resumed_engine = make_engine(123)  # other initial weights: everything must come from the checkpoint
     resumed_ema = create_ema(resumed_engine.module)
     sampler = Sampler()
+    marker = tmp_path / "config_in_checkpoint_ran"
+    (path / "config.py").write_text(f"open({str(marker)!r}, 'w').close()\n")  # resuming never runs it
     states = load_checkpoint(path, resumed_engine, resumed_ema, sampler, model_type=MODEL_TYPE)
+    assert not marker.exists()
 
     assert torch.equal(torch.rand(3), next_random)  # RNG states restored
     assert (states.epoch, states.step, states.global_step) == (0, 3, 3)

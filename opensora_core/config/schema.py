@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from mmengine.config import Config, ConfigDict
 
+from opensora_core.config.credentials import check_no_credentials
 from opensora_core.errors import ConfigError
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -108,6 +109,7 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
     from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES
     from opensora_core.schedulers import SAMPLING_ONLY_SCHEDULERS, SCHEDULER_TYPES
 
+    check_no_credentials(cfg)
     mode = mode or detect_mode(cfg)
     model = _component(cfg, "model", MODEL_TYPES, required=True)
     vae = _component(cfg, "vae", VAE_TYPES, required=False)

@@ -1,0 +1,102 @@
+"""Security and hygiene: no credentials in configs or printed reports; services on loopback by default."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from opensora_core.cli import main as cli_main
+from opensora_core.config import load_config
+from opensora_core.config.credentials import is_secret_name, redact_url
+from opensora_core.errors import ConfigError
+
+TRAIN_BASE = """
+dataset = dict(type="VariableVideoTextDataset", data_path="data", frame_interval=1)
+bucket_config = {"240p": {16: (1.0, 8)}}
+model = dict(type="STDiT3-XL/2")
+scheduler = dict(type="rflow")
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.py"
+    path.write_text(TRAIN_BASE + text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('wandb_api_key = "0123abcd"\n', "wandb_api_key"),
+        ('mlflow = dict(password="hunter2")\n', "mlflow.password"),
+        ('aws_secret_access_key = "abc"\n', "aws_secret_access_key"),
+        ('hf_token = "hf_abc"\n', "hf_token"),
+    ],
+)
+def test_a_credential_in_a_config_is_refused_naming_its_key(tmp_path: Path, line: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: looks like a credential; .*environment") as err:
+        load_config(write(tmp_path, line))
+    assert "\n" not in str(err.value)
+
+
+def test_a_url_with_a_password_is_refused_without_printing_the_password(tmp_path: Path) -> None:
+    config = write(tmp_path, 'dataset = dict(data_path="s3://AKIAXYZ:s3cr3t@videos/clips")\n')
+    with pytest.raises(ConfigError, match=r"^dataset.data_path: the URL carries a password") as err:
+        load_config(config)
+    assert "s3cr3t" not in str(err.value) and "AKIAXYZ" not in str(err.value)
+    assert "s3://***@videos/clips" in str(err.value)
+
+
+def test_the_cli_refuses_a_credential_with_exit_code_2_and_one_line(tmp_path: Path, capsys) -> None:
+    config = write(tmp_path, 'wandb_api_key = "0123abcd"\n')
+    assert cli_main(["config", "show", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: wandb_api_key: looks like a credential")
+    assert "0123abcd" not in captured.err
+
+
+@pytest.mark.parametrize(
+    "name", ["tokenizer", "model_max_length", "max_tokens", "tokenizer_path", "use_key_padding", "keep_prob"]
+)
+def test_ordinary_keys_are_not_mistaken_for_credentials(name: str) -> None:
+    assert not is_secret_name(name)
+
+
+def test_an_empty_or_false_credential_key_is_allowed(tmp_path: Path) -> None:
+    load_config(write(tmp_path, 'wandb_api_key = ""\nauth_token = None\n'))
+
+
+def test_redact_url_keeps_scheme_host_and_path() -> None:
+    assert redact_url("http://alice:pw@mlflow.internal:5000/x?y=1") == "http://***@mlflow.internal:5000/x?y=1"
+    assert redact_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redact_url("/plain/path") == "/plain/path"
+
+
+def test_doctor_reaches_a_server_named_with_a_password_without_printing_it(capsys, monkeypatch) -> None:
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:hunter2@127.0.0.1:{port}")
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        cli_main(["doctor"])
+    finally:
+        server.shutdown()
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if " mlflow " in line)
+    assert line.startswith("ok") and f"http://***@127.0.0.1:{port}: HTTP 200" in line
+    assert "hunter2" not in out and "alice" not in out
