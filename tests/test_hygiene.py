@@ -100,3 +100,47 @@ def test_doctor_reaches_a_server_named_with_a_password_without_printing_it(capsy
     line = next(line for line in out.splitlines() if " mlflow " in line)
     assert line.startswith("ok") and f"http://***@127.0.0.1:{port}: HTTP 200" in line
     assert "hunter2" not in out and "alice" not in out
+
+
+@pytest.mark.slow
+def test_tracking_credentials_reach_the_workers_but_not_rays_state_or_logs(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    from opensora_core.parallel.launch import run_training
+
+    def report_password(config):  # runs in the Ray Train worker (a local function: pickled by value)
+        import os
+        from pathlib import Path
+
+        Path(config["out"]).write_text(os.environ.get("MLFLOW_TRACKING_PASSWORD", "<unset>"))
+
+    secret = "pw-7f3a9c-not-for-logs"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private local instance for this test
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        result = run_training(
+            report_password,
+            {"out": str(tmp_path / "seen")},
+            num_workers=1,
+            use_gpu=False,
+            ray_address=None,
+            storage_path=str(tmp_path / "ray"),
+            run_name="secret",
+        )
+        assert result.error is None
+        assert (tmp_path / "seen").read_text() == secret
+        node = ray._private.worker._global_node
+        address = f"http://{node.address_info['webui_url']}"
+        state = repr(list_actors(address=address, detail=True)) + repr(
+            list_tasks(address=address, detail=True)
+        )
+        session = Path(node.get_session_dir_path())
+    finally:
+        ray.shutdown()
+    assert secret not in state
+    leaking = [p for p in session.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaking == []

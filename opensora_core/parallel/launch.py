@@ -9,13 +9,17 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Environment the workers need from the caller: where MLflow lives, how Ray is reached.
+# Environment the workers need from the caller: where MLflow lives and its credentials. They travel
+# inside the loop's (pickled) arguments, not as `runtime_env` env_vars, which Ray shows in its state API,
+# its dashboard and runtime_env_agent.log.
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
+    "OPENSORA_CACHE",  # where checkpoints fetched from shared storage go (opensora_core.storage)
 )
+_FORWARDED_ENV_KEY = "_forwarded_env"
 
 
 def connect_ray(ray_address: str | None = None) -> None:
@@ -60,14 +64,15 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     connect_ray(ray_address)
-    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env = {}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed probes for CUDA and may pick it on a mixed node
     config = dict(loop_config)
+    config[_FORWARDED_ENV_KEY] = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     if resume_from is not None:
         config["load"] = resume_from
     trainer = TorchTrainer(
-        train_loop,
+        _with_forwarded_env(train_loop),
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -87,6 +92,17 @@ def run_training(
         if user_error is not None:
             raise user_error from None
         raise
+
+
+def _with_forwarded_env(train_loop: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """`train_loop` run after the caller's forwarded variables are set in the worker's environment."""
+
+    def run(config: dict[str, Any]) -> None:
+        config = dict(config)
+        os.environ.update(config.pop(_FORWARDED_ENV_KEY, {}))
+        train_loop(config)
+
+    return run
 
 
 def worker_user_error(err: BaseException) -> BaseException | None:
