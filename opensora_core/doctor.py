@@ -116,14 +116,29 @@ def _tcp_ok(host: str, port: int) -> tuple[bool, str]:
         return False, f"unreachable ({err.strerror or err})"
 
 
+def _running_ray_on_this_node() -> str | None:
+    """The GCS address `ray.init(address="auto")` would join (the last `ray start` here), if any."""
+    from ray._private import services
+
+    return services.find_bootstrap_address(None) or next(iter(services.find_gcs_addresses()), None)
+
+
 def service_checks(env: dict[str, str] | None = None) -> list[Check]:
     """Each service named in the environment, reached once; unset ones say what runs instead."""
     env = dict(os.environ) if env is None else env
     checks = []
 
     ray_address = env.get("RAY_ADDRESS")
-    if not ray_address or ray_address in ("local", "auto"):
+    if not ray_address or ray_address == "local":
         checks.append(Check("ray cluster", True, "RAY_ADDRESS unset: a local Ray starts per command"))
+    elif ray_address == "auto":
+        found = _running_ray_on_this_node()
+        if found is None:
+            checks.append(Check("ray cluster", False, "RAY_ADDRESS=auto: no Ray cluster runs on this node"))
+        else:
+            host, _, port = found.rpartition(":")
+            ok, detail = _tcp_ok(host, int(port))
+            checks.append(Check("ray cluster", ok, f"RAY_ADDRESS=auto joins {found}: {detail}"))
     else:
         parsed = urlparse(ray_address if "://" in ray_address else f"ray://{ray_address}")
         port = parsed.port or (10001 if ray_address.startswith("ray://") else 6379)

@@ -67,3 +67,17 @@ def test_reachable_services_are_ok():
     assert all(c.ok for c in checks.values()), checks
     assert checks["prefect"].detail.endswith("HTTP 200")
     assert checks["ray cluster"].detail.endswith("port open")
+
+
+def test_ray_address_auto_is_checked_against_the_cluster_running_here(capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private local instance for this test
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        checks = service_checks({"RAY_ADDRESS": "auto"})
+    finally:
+        ray.shutdown()
+    ray_check = next(c for c in checks if c.name == "ray cluster")
+    assert ray_check.ok and ray_check.detail.startswith("RAY_ADDRESS=auto joins ")
+    assert ray_check.detail.endswith(": port open")

@@ -35,10 +35,26 @@ def connect_ray(ray_address: str | None = None) -> None:
 
 
 def cluster_has_gpus(num_workers: int) -> bool:
-    """Whether the connected Ray cluster offers a GPU for each of `num_workers` workers."""
+    """Whether the connected Ray cluster offers a GPU for each of `num_workers` workers.
+
+    A cluster with some GPUs but too few is an error rather than a silent CPU run: usually its GPU
+    nodes have not joined yet, or num_train_workers counts more GPUs than the cluster has.
+    """
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) >= num_workers
+    from opensora_core.errors import ConfigError
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if 0 < gpus < num_workers:
+        raise ConfigError(
+            f"num_train_workers={num_workers}: the Ray cluster offers {gpus} GPU(s), one per worker is needed; "
+            f"wait until its GPU nodes have joined (`ray status`) or set num_train_workers <= {gpus}"
+        )
+    log.info(
+        "training on %s",
+        f"{num_workers} GPU worker(s), NCCL" if gpus else "CPU workers, gloo (no GPU in the cluster)",
+    )
+    return gpus >= num_workers
 
 
 def run_training(

@@ -1,0 +1,31 @@
+"""Choosing the training path from what the Ray cluster offers."""
+
+from __future__ import annotations
+
+import pytest
+
+from opensora_core.errors import ConfigError
+
+
+@pytest.fixture
+def ray_with_two_gpus(monkeypatch):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private local instance for this test
+    ray.init(address="local", num_cpus=1, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_cluster_with_a_gpu_per_worker_trains_on_gpus(ray_with_two_gpus):
+    from opensora_core.parallel.launch import cluster_has_gpus
+
+    assert cluster_has_gpus(2) is True
+    assert cluster_has_gpus(1) is True
+
+
+def test_a_cluster_with_too_few_gpus_is_an_error_not_a_silent_cpu_run(ray_with_two_gpus):
+    from opensora_core.parallel.launch import cluster_has_gpus
+
+    with pytest.raises(ConfigError, match=r"^num_train_workers=4: the Ray cluster offers 2 GPU\(s\).*<= 2$"):
+        cluster_has_gpus(4)
