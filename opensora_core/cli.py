@@ -51,7 +51,7 @@ def cmd_bucket(ns: argparse.Namespace) -> int:
             print(f"plot: {snap.path / REPORT_PLOT_NAME}")
         return 0
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
-    info = build_buckets(cfg, Path(ns.meta), Path(ns.output), seed=ns.seed, epoch=ns.epoch)
+    info = build_buckets(cfg, Path(ns.meta), ns.output, seed=ns.seed, epoch=ns.epoch)  # a path or a URI
     print(info.path)
     return 0
 
@@ -60,7 +60,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
     from opensora_core.stages import run_training
 
-    overrides = _config_args(ns, extra=("snapshot", "num_train_workers", "ray_address"))
+    # --num-train-workers overrides the config key, so it is validated with it (sp_size must divide it)
+    overrides = _config_args(ns, extra=("snapshot", "ray_address"))
     cfg = load_config(ns.config, overrides, mode="train")
     result = run_training(
         cfg,
@@ -170,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     bucket = sub.add_parser("bucket", help="build a bucket snapshot (Ray Data) or print its report")
     bucket.add_argument("config", nargs="?", help="training config with bucket_config")
     bucket.add_argument("--meta", help="metadata .parquet from `opensora scan`")
-    bucket.add_argument("--output", required=True, help="snapshot root (ROOT/CURRENT names the newest)")
+    bucket.add_argument(
+        "--output",
+        required=True,
+        help="snapshot root, a path or a URI such as s3://bucket/prefix (ROOT/CURRENT names the newest)",
+    )
     bucket.add_argument("--seed", type=int)
     bucket.add_argument("--epoch", type=int, default=0)
     bucket.add_argument("--report", action="store_true", help="print the current snapshot's bucket table")

@@ -9,16 +9,20 @@ from typing import Any
 from opensora_core.config import ValidatedConfig
 from opensora_core.config.schema import resolve_path
 from opensora_core.errors import ConfigError
+from opensora_core.storage import Location, is_uri, join, local_mirror
 
 log = logging.getLogger(__name__)
 
 
 def metadata_path(cfg: ValidatedConfig) -> Path:
-    return Path(cfg.training.outputs) / "meta" / "meta.parquet"
+    # scan writes on local disk: with `outputs` a URI, into its local mirror
+    return local_mirror(cfg.training.outputs) / "meta" / "meta.parquet"
 
 
-def snapshot_root(cfg: ValidatedConfig) -> Path:
-    return Path(cfg.training.outputs) / "buckets"
+def snapshot_root(cfg: ValidatedConfig) -> Path | str:
+    """`{outputs}/buckets`: a local path, or a URI when `outputs` is one (snapshots on shared storage)."""
+    outputs = cfg.training.outputs
+    return join(outputs, "buckets") if is_uri(outputs) else Path(outputs) / "buckets"
 
 
 def data_source(cfg: ValidatedConfig) -> Path:
@@ -61,7 +65,12 @@ def _frame_interval(cfg: ValidatedConfig) -> int:
 
 
 def build_buckets(
-    cfg: ValidatedConfig, meta: Path, root: Path | None = None, *, seed: int | None = None, epoch: int = 0
+    cfg: ValidatedConfig,
+    meta: Path,
+    root: str | Path | Location | None = None,
+    *,
+    seed: int | None = None,
+    epoch: int = 0,
 ) -> Any:
     """Assign every sample of `meta` to its bucket with Ray Data; write a snapshot under `root`."""
     from opensora_core.data.snapshot import bucket_config_hash, build_snapshot
@@ -81,7 +90,12 @@ def build_buckets(
 
 
 def check_buckets(
-    cfg: ValidatedConfig, meta: Path, root: Path | None = None, *, seed: int | None = None, epoch: int = 0
+    cfg: ValidatedConfig,
+    meta: Path,
+    root: str | Path | Location | None = None,
+    *,
+    seed: int | None = None,
+    epoch: int = 0,
 ) -> Any:
     """Whether the current snapshot under `root` still matches `meta` and the bucket settings (a SnapshotCheck)."""
     from opensora_core.data.snapshot import bucket_config_hash, check_snapshot
@@ -106,8 +120,9 @@ def run_training(
     ray_address: str | None = None,
 ) -> Any:
     """Train on a bucket snapshot (built from dataset.data_path first when none is given)."""
-    from opensora_core.train import train
+    from opensora_core.train import check_load, train
 
+    check_load(cfg.raw)  # a wrong `load` fails before the scan and bucket build write anything
     if snapshot is None:
         meta, _ = scan_stage(cfg)
         snapshot = build_buckets(cfg, meta).path

@@ -3,6 +3,8 @@
 Runs are addressed by id through `MlflowClient` (no active-run global state), so a stage
 running in another process (a Ray worker, a Prefect task) can log to the run it was handed.
 The tracking server comes from MLFLOW_TRACKING_URI; credentials, if any, from the environment.
+A run starts only once the server answers; during training records are queued (`TrainingLog`) so
+a server that restarts never stalls or fails a step, and what never reached it is reported once.
 """
 
 from __future__ import annotations
@@ -10,15 +12,33 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from opensora_core.errors import OpenSoraError
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "opensora"
 MAX_PARAM_VALUE = 6000  # MLflow 3 limit on a param's value length
+# How long starting or ending a run waits for a tracking server that does not answer (a restart
+# takes 5-40 s); MLflow's own client would retry for ~4 minutes instead.
+SERVER_WAIT_S = 30.0
+# How long the end of training waits for queued records to reach a server that is away.
+CATCH_UP_S = 120.0
+# How often the training logger asks a server that did not answer again.
+RETRY_EVERY_S = 2.0
+_BATCH_METRICS, _BATCH_TAGS = 900, 100  # within MLflow's log_batch limits (1000 items, 100 tags)
+
+
+class TrackingServerDown(OpenSoraError):
+    """MLFLOW_TRACKING_URI names a server that does not answer."""
 
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -69,7 +89,9 @@ def code_version() -> str:
 def start_run(
     run_name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
 ) -> str:
-    """Create a run (a child run when `parent_run_id` is given) and return its id."""
+    """Create a run (a child run when `parent_run_id` is given) and return its id. A server that does not
+    answer is waited for up to SERVER_WAIT_S, then reported as TrackingServerDown."""
+    wait_for_server()
     all_tags = {"code_version": code_version(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -94,27 +116,16 @@ def log_config(run_id: str, cfg: Mapping[str, Any], config_path: str | Path | No
         client.log_artifact(run_id, str(config_path), artifact_path="config")
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], step: int, *, wait: bool = True) -> None:
-    """Log metrics at `step`, stamped now. `wait=False` queues them for MLflow's background logger, so a
-    training step never waits on the tracking server (or its retries while it restarts); `flush` at the end."""
-    import time
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log metrics at `step`, stamped now (training uses `TrainingLog.log_metrics`, which never waits)."""
+    _client().log_batch(run_id, metrics=_metrics(metrics, step))
 
+
+def _metrics(metrics: Mapping[str, float], step: int) -> list:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    _client().log_batch(
-        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=wait
-    )
-
-
-def flush() -> None:
-    """Wait for metrics queued with `wait=False`; a tracking server that stays down is reported, not raised."""
-    import mlflow
-
-    try:
-        mlflow.flush_async_logging()
-    except Exception as err:  # the run's results are on disk; losing some metric points must not fail it
-        log.warning("MLflow: queued metrics could not all be logged: %s", str(err).splitlines()[0][:300])
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
@@ -132,7 +143,13 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    _client().set_terminated(run_id, status=status)
+    """Mark the run ended. The stage's work is done (or its own error is what matters), so a tracking
+    server that stays away is reported, not raised; the run then shows RUNNING in MLflow."""
+    try:
+        wait_for_server()
+        _client().set_terminated(run_id, status=status)
+    except Exception as err:
+        log.warning("MLflow: run %s could not be marked %s: %s", run_id, status, _first_line(err))
 
 
 @contextmanager
@@ -152,6 +169,146 @@ def stage_run(
     end_run(run_id, "FINISHED")
 
 
+def server_problem(timeout_s: float = 3.0) -> str | None:
+    """Why the tracking server at MLFLOW_TRACKING_URI does not answer its health check, or None when it
+    does (or when the URI is a local store, which has no server to lose)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError as err:
+        return f"GET /health -> {err.code}"
+    except OSError as err:  # refused, reset, timed out, unknown host
+        return str(getattr(err, "reason", None) or err)
+
+
+def wait_for_server(timeout_s: float | None = None) -> None:
+    """Return once the tracking server answers; after `timeout_s` (SERVER_WAIT_S) raise TrackingServerDown."""
+    timeout_s = SERVER_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while (problem := server_problem()) is not None:
+        if time.monotonic() >= deadline:
+            uri = os.environ["MLFLOW_TRACKING_URI"]
+            raise TrackingServerDown(
+                f"MLFLOW_TRACKING_URI={uri}: no MLflow server answered within {timeout_s:.0f} s ({problem}); "
+                "start it (infra/local/up) or unset MLFLOW_TRACKING_URI to run without tracking"
+            )
+        time.sleep(1.0)
+
+
+class TrainingLog:
+    """The training loop's MLflow records: queued here and sent by a background thread, so a step never
+    waits on the tracking server, nor fails because of it.
+
+    While the server does not answer, records wait and the thread asks again every RETRY_EVERY_S; once
+    it answers they all go, in batches. A batch the server answers with a refusal (an invalid name) is
+    dropped with one warning rather than sent again forever. `close` waits up to `catch_up_s` for the
+    queue to empty and reports what never arrived in one warning.
+    """
+
+    def __init__(
+        self, run_id: str, *, tags: Mapping[str, str] | None = None, retry_every_s: float | None = None
+    ) -> None:
+        self.run_id = run_id
+        self._retry_every_s = RETRY_EVERY_S if retry_every_s is None else retry_every_s
+        self._metrics: list[Any] = []  # mlflow Metric, oldest first; removed only once sent
+        self._tags: dict[str, str] = {k: str(v) for k, v in (tags or {}).items()}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()  # close() waits for the queue to empty
+        self._given_up = threading.Event()  # close() stopped waiting
+        self._problem: str | None = None  # why the last attempt failed
+        self._thread = threading.Thread(
+            target=self._send_until_closed, name="mlflow-training-log", daemon=True
+        )
+        if self._tags:
+            # Sent now when the server answers: this also opens the tracking store (seconds with a SQLite
+            # store), which would otherwise compete with the first steps.
+            if not self._send_batch():
+                self._wake.set()  # the thread takes them over
+        self._thread.start()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        with self._lock:
+            self._metrics.extend(_metrics(metrics, step))
+        self._wake.set()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        with self._lock:
+            self._tags.update({k: str(v) for k, v in tags.items()})
+        self._wake.set()
+
+    def close(self, catch_up_s: float | None = None) -> None:
+        """Send what is queued, waiting up to `catch_up_s` (CATCH_UP_S) for an absent server; what is
+        left then is reported once and dropped."""
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(CATCH_UP_S if catch_up_s is None else catch_up_s)
+        self._given_up.set()
+        with self._lock:
+            metrics, tags = self._metrics, self._tags
+            self._metrics, self._tags = [], {}
+        if metrics or tags:
+            steps = sorted({m.step for m in metrics})
+            span = f" (steps {steps[0]}-{steps[-1]})" if steps else ""
+            log.warning(
+                "MLflow: %d metric values%s and %d tags of run %s were not logged: %s",
+                len(metrics), span, len(tags), self.run_id,
+                self._problem or "the tracking server did not take them in time",
+            )  # fmt: skip
+
+    def _send_until_closed(self) -> None:
+        while not self._given_up.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            while self._has_pending() and not self._given_up.is_set():
+                if not self._send_batch():
+                    self._given_up.wait(self._retry_every_s)  # the server is away: ask again later
+            if self._closing.is_set() and not self._has_pending():
+                return
+
+    def _has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._metrics or self._tags)
+
+    def _send_batch(self) -> bool:
+        """Send the oldest queued records; False (and why, in `_problem`) when the server did not take them."""
+        self._problem = server_problem()
+        if self._problem is not None:
+            return False
+        from mlflow.entities import RunTag
+
+        with self._lock:
+            metrics = self._metrics[:_BATCH_METRICS]
+            tags = list(self._tags.items())[:_BATCH_TAGS]
+        try:
+            _client().log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags])
+        except Exception as err:  # the server went away mid-request, or refused the batch
+            self._problem = _first_line(err)
+            if getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE":
+                return False
+            # The server answered and refused these records: sending them again would block the queue.
+            log.warning(
+                "MLflow: %d records of run %s refused: %s",
+                len(metrics) + len(tags),
+                self.run_id,
+                self._problem,
+            )
+        with self._lock:
+            del self._metrics[: len(metrics)]  # new records only ever go to the end
+            for key, value in tags:
+                if self._tags.get(key) == value:  # unless set again meanwhile
+                    del self._tags[key]
+        return True
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
 def tracking_enabled() -> bool:
     """Stages log to MLflow only when a tracking server is configured."""
     return bool(os.environ.get("MLFLOW_TRACKING_URI"))
@@ -163,5 +320,7 @@ def run_url(run_id: str) -> str | None:
         return None
     import mlflow
 
+    from opensora_core.config.credentials import redact_url
+
     run = mlflow.MlflowClient().get_run(run_id)
-    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{redact_url(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -18,14 +19,12 @@ def stage_config(config: str, overrides: dict | None, cfg_options: list[str] | N
 
 
 def is_transient(task, task_run, state) -> bool:
-    """Retry unless the failure is the user's to fix (a config, media or checkpoint error)."""
-    try:
-        state.result()
-    except OpenSoraError:
-        return False
-    except Exception:
-        return True
-    return True
+    """Retry unless the failure is the user's to fix (a config, media or checkpoint error).
+
+    Prefect calls this with the Failed state it made of the task's exception: `state.data` is the
+    exception (`state.result()` would not raise it when called from an async context).
+    """
+    return not isinstance(state.data, OpenSoraError)
 
 
 # Transient failures (a service restarting, a Ray worker lost) are retried; user errors are not.
@@ -78,8 +77,13 @@ def build_buckets(
                 },
                 step=manifest.epoch,
             )
-            tracking.log_artifact(run_id, Path(info.path) / "manifest.json", artifact_path="buckets")
-            tracking.log_artifact(run_id, Path(info.path) / "report.png", artifact_path="buckets")
+            with tempfile.TemporaryDirectory() as local:
+                for name in ("manifest.json", "report.png"):
+                    path = info.path / name
+                    if not isinstance(path, Path):  # on shared storage (a URI): log a local copy
+                        (Path(local) / name).write_bytes(path.read_bytes())
+                        path = Path(local) / name
+                    tracking.log_artifact(run_id, path, artifact_path="buckets")
         if parent_run_id:
             tracking.set_tags(parent_run_id, {"bucket_snapshot": manifest.snapshot_id})
     return str(info.path)

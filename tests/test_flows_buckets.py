@@ -1,5 +1,7 @@
 """The scheduled `buckets` flow: builds when the data or config changed, records "unchanged" otherwise."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,3 +121,28 @@ def test_prefect_yaml_schedules_the_rebuild_deployment():
     assert rebuild["schedules"][0]["cron"] == "0 * * * *"
     assert rebuild["parameters"]["config"] == CONFIG
     assert rebuild_buckets.name == "buckets"
+
+
+@pytest.mark.slow
+def test_a_snapshot_on_shared_storage_is_built_and_its_report_logged_to_mlflow(
+    tmp_path, local_runs, monkeypatch
+):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # the local store's artifacts go to ./mlruns
+    pq.write_table(metadata(), tmp_path / "meta.parquet")
+    result = rebuild_buckets(
+        config=str(Path(__file__).resolve().parents[1] / CONFIG),
+        data_path=str(tmp_path / "meta.parquet"),
+        cfg_options=[f"outputs=file://{tmp_path / 'shared'}"],
+    )
+    assert result["status"] == REBUILT
+    assert result["snapshot"].startswith(f"file://{tmp_path / 'shared' / 'buckets'}/")
+    client = mlflow.MlflowClient()
+    (run,) = [r for r in client.search_runs(client.get_experiment_by_name("opensora").experiment_id)
+              if r.data.tags.get("stage") == "bucket"]  # fmt: skip
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "buckets")) == [
+        "buckets/manifest.json",
+        "buckets/report.png",
+    ]

@@ -1,5 +1,6 @@
 """Checkpoints of a DeepSpeed ZeRO-2 engine (one process, gloo): layout, atomic write, exact resume."""
 
+import errno
 import json
 import os
 import socket
@@ -48,7 +49,9 @@ def one_process_group():
     _skip_deepspeed_shm_kernel()
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
     yield
-    dist.destroy_process_group()
+    # through DeepSpeed: it also drops its clone of the world group, which the next test module's
+    # world (this fixture is imported by other test files) could not use
+    deepspeed.comm.destroy_process_group()
     for name, value in old.items():
         if value is None:
             os.environ.pop(name, None)
@@ -193,17 +196,16 @@ def test_a_save_that_dies_midway_leaves_no_checkpoint(tmp_path, monkeypatch):
     train(engine, ema, 1, 0)
     first = save(engine, ema, tmp_path, 1)
 
-    def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
+    def io_error(*args, **kwargs):  # a full disk: tests/test_faults.py
+        raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(ckpt, "save_file", io_error)
+    with pytest.raises(OSError, match="Input/output error"):
         save(engine, ema, tmp_path, 2)
 
     assert not (tmp_path / "epoch0-global_step2").exists()
+    assert not (tmp_path / ".tmp-epoch0-global_step2").exists()
     assert latest_checkpoint(tmp_path) == first
-    with pytest.raises(CheckpointError, match="unfinished"):
-        read_running_states(tmp_path / ".tmp-epoch0-global_step2")
 
 
 def test_checkpoint_of_another_model_type_is_refused(tmp_path):

@@ -16,6 +16,8 @@ from opensora_core.config.credentials import check_no_credentials
 from opensora_core.errors import ConfigError
 
 DTYPES = ("fp32", "fp16", "bf16")
+# The VAEs downsample 8x and the models cut latents into 2x2 patches: a side under 16 pixels gives no patch.
+MIN_IMAGE_SIDE = 16
 DATASET_TYPES = ("VariableVideoTextDataset", "VideoTextDataset")
 Mode = Literal["train", "sample"]
 
@@ -126,6 +128,7 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
         dataset = _component(cfg, "dataset", DATASET_TYPES, required=True)
         bucket_config = _bucket_config(cfg, dataset)
         _mask_ratios(cfg)
+        _image_size(cfg, "eval_image_size")  # the evaluation after each checkpoint samples at this size
         training = _training_settings(cfg, dtype)
         return ValidatedConfig(
             path, mode, cfg, model, vae, text_encoder, scheduler, dataset, bucket_config, training=training
@@ -234,13 +237,7 @@ def _check_heads_for_sequence_parallel(cfg: Config, sp_size: int) -> None:
 def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:
     from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_image_size, get_num_frames
 
-    image_size = cfg.get("image_size")
-    if image_size is not None:
-        if len(image_size) != 2 or any(not isinstance(v, int) or v < 16 for v in image_size):
-            raise ConfigError(
-                f"image_size={tuple(image_size)!r}: expected (height, width), two integers >= 16"
-            )
-        image_size = (int(image_size[0]), int(image_size[1]))
+    image_size = _image_size(cfg, "image_size")
     resolution = cfg.get("resolution")
     aspect_ratio = cfg.get("aspect_ratio")
     if image_size is None:
@@ -273,6 +270,22 @@ def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:
         resolution=resolution,
         aspect_ratio=aspect_ratio,
     )
+
+
+def _image_size(cfg: Config, key: str) -> tuple[int, int] | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < MIN_IMAGE_SIDE for v in value)
+    ):
+        raise ConfigError(
+            f"{key}={tuple(value) if isinstance(value, list) else value!r}: expected (height, width), two "
+            f"integers >= {MIN_IMAGE_SIDE} (the VAE downsamples 8x, the model takes 2x2 latent patches)"
+        )
+    return int(value[0]), int(value[1])
 
 
 def _choice(cfg: Config, key: str, valid: tuple[str, ...], *, default: str) -> str:

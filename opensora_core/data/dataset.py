@@ -4,13 +4,15 @@ fixed-size clips, plus the collate function that drops samples that failed to lo
 `VariableVideoTextDataset` is indexed by the "idx-T-H-W" strings `BucketBatchSampler` yields
 (idx = row of the snapshot's full table, T frames, H x W target size), as Open-Sora's sampler does.
 A file that fails to decode is replaced by another row that can give the same clip shape; if that
-fails too the item is None, which `collate_fn` drops. Failures are counted in `skipped` (per
-process: DataLoader workers count their own) and logged, never raised.
+fails too the item is None, which `collate_fn` drops. Failures are logged (one warning per file, in
+the process that read it) and counted in `skipped`, a counter shared with the DataLoader worker
+processes; never raised.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,10 +94,16 @@ class _ClipDataset(Dataset):
         self.transform_name = check_transform_name(transform_name)
         self.seed = int(seed)
         self.epoch = 0
-        self.skipped = 0
+        # Shared memory: DataLoader workers (forked or spawned) do the loading, the trainer reads the count.
+        self._skipped = multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:
         return len(self.rows.paths)
+
+    @property
+    def skipped(self) -> int:
+        """Files that failed to load so far, in this process and its DataLoader workers together."""
+        return int(self._skipped.value)
 
     def set_epoch(self, epoch: int) -> None:
         """Clip start frames are drawn from (seed, epoch, row): call before each epoch's DataLoader."""
@@ -150,7 +158,8 @@ class _ClipDataset(Dataset):
             try:
                 return self._sample(row, t, size, replicate_image)
             except (MediaError, OSError) as err:
-                self.skipped += 1
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
                 log.warning("skipped a sample: %s", err)
             if candidates is None:
                 candidates = self._can_replace(idx, t, replicate_image)

@@ -6,6 +6,11 @@ Layout of a snapshot directory (immutable once written; `ROOT/CURRENT` names the
     ROOT/<snapshot_id>/report.png      (samples per resolution x num_frames, aspect-ratio histogram)
     ROOT/<snapshot_id>/bucket_res=240p/bucket_frames=16/bucket_ar=0.56/part-00000.parquet
     ROOT/<snapshot_id>/sitting_out/part-00000.parquet      (rows no bucket kept this epoch)
+    ROOT/.tmp-<snapshot_id>-<random>-pid<N>@<host>/          (a build in progress, or one that died:
+                                                              the next build on <host> removes it)
+
+ROOT may be a local path or a URI (`file://`, `s3://`, ...; see `opensora_core.storage`): a snapshot
+for a URI is built on local disk, then copied up, `manifest.json` after its shards and `CURRENT` last.
 
 Directories are hive-style for people and tools, but every shard also holds all columns
 (metadata + bucket_res, bucket_frames, bucket_ar, bucket_height, bucket_width), so read it with
@@ -18,8 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +51,8 @@ from opensora_core.data.bucket import (
     key_hashes,
     splitmix64,
 )
-from opensora_core.errors import ConfigError
+from opensora_core.errors import ConfigError, StorageError, is_disk_full
+from opensora_core.storage import Location, is_uri, location, pathlike, upload_dir, upload_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -56,6 +66,10 @@ ROWS_PER_FILE = 1_000_000
 _UNIQUE_COLUMNS = frozenset({"path", "text"})  # (nearly) one value per row
 _ORDER_COLUMN = "__bucket_order"  # temporary sort key: (resolution, frames, ratio) in table order
 _SITTING_OUT_ORDER = np.iinfo(np.int64).max
+TMP_PREFIX = ".tmp-"  # a build in progress (or one that died): never a snapshot
+_TMP_OWNER = re.compile(r"-pid(\d+)@(.+)$")  # see _build_owner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,17 +142,17 @@ class Manifest:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
-    """What `build_snapshot` wrote: the snapshot directory and its manifest."""
+    """What `build_snapshot` wrote: the snapshot directory (a Path, or a Location for a URI) and its manifest."""
 
-    path: Path
+    path: Path | Location
     manifest: Manifest
 
 
 @dataclass
 class Snapshot:
-    """An opened snapshot; tables are read on first use."""
+    """An opened snapshot (a local directory, or a Location on shared storage); tables are read on first use."""
 
-    path: Path
+    path: Path | Location
     manifest: Manifest
     _full: pa.Table | None = field(default=None, repr=False)
 
@@ -151,7 +165,8 @@ class Snapshot:
             files = [f for b in self.manifest.buckets for f in b.files] + list(
                 self.manifest.sitting_out_files
             )
-            tables = [pq.read_table(self.path / f) for f in files]
+            source = location(self.path)
+            tables = [pq.read_table((source / f).path, filesystem=source.filesystem) for f in files]
             self._full = pa.concat_tables(tables) if tables else pa.table({})
         return self._full
 
@@ -265,8 +280,9 @@ def _assign_in_ray(
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init()  # a caller that connected to a cluster first keeps its connection
+    from opensora_core.parallel.launch import connect_ray
+
+    connect_ray()  # RAY_ADDRESS's cluster, else a local one; a caller that connected first keeps its connection
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     n = keys.num_rows
@@ -412,7 +428,7 @@ def _fsync_dir(path: Path) -> None:
 
 def build_snapshot(
     meta_path: str | Path,
-    root: str | Path,
+    root: str | Path | Location,
     bucket_cfg: BucketConfig,
     frame_interval: int,
     seed: int,
@@ -426,12 +442,16 @@ def build_snapshot(
 ) -> SnapshotInfo:
     """Assign buckets with Ray Data, write a new snapshot under `root`, then point `root/CURRENT` at it.
 
-    Connects with `ray.init()` only when Ray is not initialised yet (and leaves that local Ray
-    running for later builds). `num_workers` caps concurrent Ray tasks (None: Ray decides); `num_blocks` repartitions the
+    `root` is a local path (written in place) or a URI (built in a local temporary directory, then
+    copied up; see `_publish`).
+
+    Connects to Ray (RAY_ADDRESS, else a local instance) only when it is not initialised yet, and
+    leaves it running for later builds. `num_workers` caps concurrent Ray tasks (None: Ray decides); `num_blocks` repartitions the
     metadata into that many blocks. The shards are byte-identical whatever either is.
     """
     # Absolute: Ray tasks run in their own working directories.
-    meta_path, root = Path(meta_path).resolve(), Path(root).resolve()
+    meta_path = Path(meta_path).resolve()
+    shared = location(root) if is_uri(root) else None  # a bad URI fails here, before any work
     schema = _metadata_schema(meta_path)
     meta = _read_metadata(meta_path, schema)
     idx = (
@@ -464,14 +484,22 @@ def build_snapshot(
         return part
 
     num_kept = int(np.searchsorted(order, _SITTING_OUT_ORDER))
+    if num_kept == 0 and meta.num_rows:
+        raise ConfigError(
+            f"bucket_config: keeps none of the {meta.num_rows} samples of {meta_path} (each has too few "
+            "pixels for its resolutions or too few frames for their lengths, or lost its keep_prob draws)"
+        )
     starts = np.flatnonzero(np.r_[True, order[1:num_kept] != order[: num_kept - 1]]) if num_kept else []
     bounds = [*map(int, starts), num_kept]
 
     content = f"{config_hash}|{fingerprint}|{seed}|{epoch}|{frame_interval}"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     snapshot_id = f"{stamp}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
+    # a URI root: the snapshot is built in a local staging directory, then copied up by _publish
+    root = Path(tempfile.mkdtemp(prefix="opensora-snapshot-")) if shared is not None else Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{snapshot_id}-{uuid.uuid4().hex[:8]}"
+    remove_abandoned_builds(root)
+    tmp = root / f"{TMP_PREFIX}{snapshot_id}-{uuid.uuid4().hex[:8]}-{_build_owner()}"
     try:
         stats, shards = [], []
         # pyarrow writes without the GIL: shards (and the report plot) are written by all cores.
@@ -511,16 +539,25 @@ def build_snapshot(
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         final = root / snapshot_id
         suffix = 1
-        while final.exists():  # two builds in the same second with the same inputs
+        # two builds in the same second with the same inputs
+        while final.exists() or (shared is not None and (shared / final.name).exists()):
             final = root / f"{snapshot_id}-{suffix}"
             suffix += 1
         os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        full = is_disk_full(err, root)  # before the partial files go: they hold the space
+        shutil.rmtree(tmp if shared is None else root, ignore_errors=True)
+        if full:
+            raise _disk_full_error(shared or root, snapshot_id) from None
         raise
     if final.name != snapshot_id:
         manifest = replace(manifest, snapshot_id=final.name)
         (final / MANIFEST_NAME).write_text(manifest.to_json())
+    if shared is not None:
+        try:
+            return SnapshotInfo(_publish(final, shared), manifest)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)  # the local staging directory
     _fsync_dir(root)
     pointer = root / f".{CURRENT_NAME}.{uuid.uuid4().hex[:8]}.tmp"
     with open(pointer, "w") as fh:
@@ -532,12 +569,66 @@ def build_snapshot(
     return SnapshotInfo(final, manifest)
 
 
+def _build_owner() -> str:
+    """`pid{N}@{host}`, the end of a build's temporary directory name: a later build can then tell a
+    build that died (no such process on this host) from one still running."""
+    return f"pid{os.getpid()}@{socket.gethostname()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned_builds(root: Path) -> list[Path]:
+    """Delete the temporary directories under `root` of builds whose process died on this host.
+
+    A killed build leaves its `.tmp-` directory behind (never a snapshot: only a complete one is
+    renamed into place). A running build's directory, another host's and unnamed ones stay.
+    """
+    host, removed = socket.gethostname(), []
+    for entry in sorted(root.glob(f"{TMP_PREFIX}*")):
+        owner = _TMP_OWNER.search(entry.name)
+        if owner and owner[2] == host and not _process_alive(int(owner[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed %s, left by a bucket build that died (process %s)", entry, owner[1])
+            removed.append(entry)
+    return removed
+
+
+def _disk_full_error(root: Path | Location, snapshot_id: str) -> StorageError:
+    pointer = root / CURRENT_NAME
+    current = pointer.read_text().strip() if pointer.is_file() else None
+    kept = f"{CURRENT_NAME} still names {current}" if current else f"there is no {CURRENT_NAME} snapshot yet"
+    return StorageError(
+        f"bucket snapshot {root}: no space left on device while writing {snapshot_id}; its partial files "
+        f"were removed and {kept}; free space and build again"
+    )
+
+
+def _publish(local: Path, root: Location) -> Location:
+    """Copy a finished snapshot to shared storage: shards first, then manifest.json, then `CURRENT`.
+
+    `CURRENT` is one small object, so a reader of `root` sees the old snapshot or the new one.
+    """
+    dest = root / local.name
+    upload_dir(local, dest, skip=(MANIFEST_NAME,))
+    upload_file(local / MANIFEST_NAME, dest / MANIFEST_NAME)
+    (root / CURRENT_NAME).write_text(local.name + "\n")
+    return dest
+
+
 # --- reading -------------------------------------------------------------------------------------
 
 
-def open_snapshot(root_or_dir: str | Path) -> Snapshot:
-    """Open the snapshot `root/CURRENT` names, or the snapshot directory given."""
-    path = Path(root_or_dir)
+def open_snapshot(root_or_dir: str | Path | Location) -> Snapshot:
+    """Open the snapshot `root/CURRENT` names, or the snapshot directory given (a path or a URI)."""
+    path = pathlike(root_or_dir)
     if not (path / MANIFEST_NAME).is_file():
         pointer = path / CURRENT_NAME
         if not pointer.is_file():
@@ -586,7 +677,7 @@ def write_report_plot(manifest: Manifest, path: str | Path) -> Path:
 class SnapshotCheck:
     """How the metadata and bucket settings compare with the snapshot `root/CURRENT` names."""
 
-    root: Path
+    root: Path | Location
     current: Manifest | None  # None: no complete snapshot yet
     config_hash: str
     metadata_fingerprint: str
@@ -609,14 +700,14 @@ def read_metadata_fingerprint(meta_path: str | Path) -> str:
 
 
 def check_snapshot(
-    root: str | Path, meta_path: str | Path, config_hash: str, *, seed: int, epoch: int
+    root: str | Path | Location, meta_path: str | Path, config_hash: str, *, seed: int, epoch: int
 ) -> SnapshotCheck:
     """Compare `meta_path` and the bucket settings with the current snapshot under `root`.
 
     A rebuild is needed when there is no current snapshot, or when the metadata fingerprint
     (paths, sizes, mtimes), the bucket config hash, the seed or the epoch differ from its manifest.
     """
-    root = Path(root)
+    root = pathlike(root)
     fingerprint = read_metadata_fingerprint(meta_path)
     try:
         current: Manifest | None = open_snapshot(root).manifest

@@ -136,18 +136,19 @@ def log_eval_result(run_id: str, result: EvalResult) -> None:
 
 def find_checkpoints(path: str | Path) -> list[Path]:
     """`path` itself if it is a checkpoint, else the complete `epoch*-global_step*` checkpoints in it
-    (a training run's exp dir), in global-step order."""
-    from opensora_core.train.checkpoint import RUNNING_STATES
+    (a training run's exp dir), in global-step order. A URI's checkpoints are fetched to local disk."""
+    from opensora_core.storage import pathlike
+    from opensora_core.train.checkpoint import RUNNING_STATES, fetch_checkpoint
 
-    path = Path(path)
-    if (path / RUNNING_STATES).is_file():
-        return [path]
-    found = [c for c in path.glob("epoch*-global_step*") if (c / RUNNING_STATES).is_file()]
+    where = pathlike(path)
+    if (where / RUNNING_STATES).is_file():
+        return [fetch_checkpoint(where)]
+    found = [c for c in where.glob("epoch*-global_step*") if (c / RUNNING_STATES).is_file()]
     if not found:
         raise CheckpointError(
-            f"{path}: neither a checkpoint nor a run directory with epoch*-global_step* checkpoints"
+            f"{where}: neither a checkpoint nor a run directory with epoch*-global_step* checkpoints"
         )
-    return sorted(found, key=checkpoint_step)
+    return sorted((fetch_checkpoint(c) for c in found), key=checkpoint_step)
 
 
 def evaluate_checkpoints(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opensora_core import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -37,10 +39,10 @@ def train(
     """Train the config's model on a bucket snapshot; checkpoints go to a new `{output_dir}/NNN-{model}/`.
 
     `cfg` is an MMEngine `Config` (or a `ValidatedConfig`, whose `.raw` is used). `cfg.load`
-    resumes from a checkpoint directory. `use_gpu=None` uses GPUs when the Ray cluster has one
-    per worker.
+    resumes from a checkpoint directory (a path or a URI). `use_gpu=None` uses GPUs when the Ray
+    cluster has one per worker. An `output_dir` URI (`s3://...`) gets a copy of every checkpoint, saved
+    first under its local mirror (`opensora_core.storage`); the result then names the URIs.
     """
-    from opensora_core.errors import CheckpointError
     from opensora_core.parallel.launch import cluster_has_gpus, connect_ray, run_training
     from opensora_core.train.checkpoint import read_running_states
     from opensora_core.train.loop import train_loop_per_worker
@@ -48,17 +50,17 @@ def train(
     raw = getattr(cfg, "raw", cfg)
     config: dict[str, Any] = absolute_paths(raw.to_dict())
     config_text = raw.pretty_text
-    if config.get("load"):  # fail here, before any worker starts, on a bad path or another model
-        states = read_running_states(config["load"])
-        if states.model_type != config["model"]["type"]:
-            raise CheckpointError(
-                f"load={config['load']}: checkpoint of model {states.model_type!r}, "
-                f"but model.type is {config['model']['type']!r}"
-            )
+    check_load(config)  # fail here, before any worker starts, on a bad path or another model
     exp_dir = new_experiment_dir(output_dir, config["model"]["type"])
+    shared = storage.is_uri(exp_dir)
+    local_dir = storage.local_mirror(exp_dir)  # exp_dir itself unless it is a URI
+    local_dir.mkdir(parents=True, exist_ok=True)
+    if snapshot_dir and not storage.is_uri(snapshot_dir):
+        snapshot_dir = str(Path(snapshot_dir).resolve())
     config.update(
-        snapshot_dir=str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
-        output_dir=str(exp_dir),
+        snapshot_dir=snapshot_dir or None,
+        output_dir=str(local_dir),
+        checkpoint_uri=exp_dir if shared else None,
         mlflow_run_id=mlflow_run_id,
         config_text=config_text,
     )
@@ -72,8 +74,8 @@ def train(
         num_workers=num_workers,
         use_gpu=use_gpu,
         ray_address=ray_address,
-        storage_path=str(exp_dir.parent),
-        run_name=exp_dir.name,
+        storage_path=str(local_dir.parent),
+        run_name=local_dir.name,
         max_failures=max_failures,
     )
     elapsed = time.perf_counter() - start
@@ -84,6 +86,8 @@ def train(
     global_step = int(metrics.get("global_step", 0))
     if checkpoint is not None:
         global_step = read_running_states(checkpoint).global_step
+        if shared:
+            checkpoint = storage.join(exp_dir, Path(checkpoint).name)
     loss = metrics.get("loss")
     return TrainResult(
         checkpoint=checkpoint,
@@ -94,6 +98,22 @@ def train(
     )
 
 
+def check_load(config: Any) -> None:
+    """Raise CheckpointError when `load` names no checkpoint, or one of another model type than
+    `model.type`; reads only its running_states.json, so callers run it before writing anything."""
+    from opensora_core.errors import CheckpointError
+    from opensora_core.train.checkpoint import read_running_states
+
+    load, model_type = config.get("load"), config["model"]["type"]
+    if not load:
+        return
+    states = read_running_states(load)
+    if states.model_type != model_type:
+        raise CheckpointError(
+            f"load={load}: checkpoint of model {states.model_type!r}, but model.type is {model_type!r}"
+        )
+
+
 def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     """Config paths are relative to the caller's working directory (as in Open-Sora); Ray workers run
     elsewhere, so local paths that exist here are made absolute. Hub names are left as they are."""
@@ -102,17 +122,29 @@ def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
         part = config.get(section)
         if isinstance(part, dict) and part.get("from_pretrained") and Path(part["from_pretrained"]).exists():
             config[section] = {**part, "from_pretrained": str(Path(part["from_pretrained"]).resolve())}
-    if config.get("load"):
+    if config.get("load") and not storage.is_uri(config["load"]):
         config["load"] = str(Path(config["load"]).resolve())
     return config
 
 
-def new_experiment_dir(output_dir: str | Path, model_type: str) -> Path:
-    """`{output_dir}/{NNN}-{model type with / as -}`, NNN = entries already there (as Open-Sora)."""
+def new_experiment_dir(output_dir: str | Path, model_type: str) -> Path | str:
+    """`{output_dir}/{NNN}-{model type with / as -}`, NNN = entries already there (as Open-Sora).
+
+    For an `output_dir` URI the directory is created there and its URI returned.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", model_type)
+    if storage.is_uri(output_dir):
+        shared = storage.location(output_dir)
+        index = len(shared.children())
+        while (shared / f"{index:03d}-{name}").exists():
+            index += 1
+        # object stores have no exclusive create: two runs starting at once could pick the same NNN
+        exp_dir = shared / f"{index:03d}-{name}"
+        exp_dir.filesystem.create_dir(exp_dir.path, recursive=True)
+        return exp_dir.uri
     root = Path(output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     index = len(list(root.iterdir()))
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", model_type)
     while True:
         path = root / f"{index:03d}-{name}"
         try:

@@ -8,6 +8,10 @@
     rng_state_rank{R}.pt    torch / numpy / python RNG states of each rank
     running_states.json     epoch, step, global_step, batch_size, model_type, rng states file
     config.py               the resolved config
+
+With `upload_to` (a URI, see `opensora_core.storage`) a checkpoint saved locally is then copied to
+shared storage, `running_states.json` last; `load_checkpoint` and `read_running_states` take such a
+URI too (the checkpoint is fetched into the local mirror first).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from opensora_core.errors import CheckpointError
+from opensora_core import storage
+from opensora_core.errors import CheckpointError, StorageError, is_disk_full
 
 RUNNING_STATES = "running_states.json"
 RNG_STATES = "rng_state_rank{rank}.pt"
@@ -76,11 +81,13 @@ def save_checkpoint(
     states: RunningStates,
     config_text: str,
     rank: int,
+    upload_to: str | storage.Location | None = None,
 ) -> Path:
-    """Write a checkpoint; every rank calls this. Returns the final directory.
+    """Write a checkpoint; every rank calls this. Returns the final (local) directory.
 
     The directory appears under its final name only once every file is in place, so a reader
-    (evaluation, a resumed run) never sees half a checkpoint.
+    (evaluation, a resumed run) never sees half a checkpoint. `upload_to` (a run directory on shared
+    storage) receives a copy under the same name, complete once its running_states.json is there.
     """
     output_dir = Path(output_dir)
     final = output_dir / checkpoint_name(states.epoch, states.global_step)
@@ -90,19 +97,26 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
 
-    engine.save_checkpoint(str(tmp / "ds"), tag=f"global_step{states.global_step}")
-    torch.save(_rng_states(), tmp / states.rng_states.format(rank=rank))
-    weights = consolidated_state_dict(engine)  # collective: all ranks, rank 0 keeps the result
+    try:
+        engine.save_checkpoint(str(tmp / "ds"), tag=f"global_step{states.global_step}")
+        torch.save(_rng_states(), tmp / states.rng_states.format(rank=rank))
+        weights = consolidated_state_dict(engine)  # collective: all ranks, rank 0 keeps the result
 
-    if rank == 0:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if ema is not None:
-            ema_state = {k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
-            save_file(ema_state, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
-        (tmp / "sampler.json").write_text(json.dumps(sampler_state, indent=2) + "\n")
-        (tmp / "config.py").write_text(config_text)
-        # running_states.json last: its presence marks a complete checkpoint even before the rename
-        (tmp / RUNNING_STATES).write_text(json.dumps(asdict(states), indent=2) + "\n")
+        if rank == 0:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if ema is not None:
+                ema_state = {k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
+                save_file(ema_state, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+            (tmp / "sampler.json").write_text(json.dumps(sampler_state, indent=2) + "\n")
+            (tmp / "config.py").write_text(config_text)
+            # running_states.json last: its presence marks a complete checkpoint even before the rename
+            (tmp / RUNNING_STATES).write_text(json.dumps(asdict(states), indent=2) + "\n")
+    except Exception as err:
+        full = is_disk_full(err, output_dir)  # before the partial files go: they hold the space
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint is never left to be found
+        if full:
+            raise _disk_full_error(final) from None
+        raise
     _barrier()  # every rank's shards and RNG states are on disk
     if rank == 0:
         if final.exists():  # an earlier run reached the same step; the newer state wins
@@ -110,13 +124,52 @@ def save_checkpoint(
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, final)
+        if upload_to is not None:  # a re-save of the same step: not complete until re-uploaded
+            marker = storage.location(upload_to) / final.name / RUNNING_STATES
+            if marker.exists():
+                marker.filesystem.delete_file(marker.path)
     _barrier()
+    if upload_to is not None:
+        upload_checkpoint(final, storage.location(upload_to) / final.name, rank=rank)
     return final
 
 
-def read_running_states(path: str | Path) -> RunningStates:
-    """running_states.json of a complete checkpoint, or CheckpointError naming what is missing."""
-    path = Path(path)
+def upload_checkpoint(final: Path, dest: storage.Location, *, rank: int) -> None:
+    """Copy a checkpoint just saved to `dest`; every rank calls this, running_states.json goes last.
+
+    Each machine's disk holds the files its ranks wrote: rank 0's machine the renamed directory,
+    another machine without a shared disk its `.tmp-` directory. The first rank on each machine
+    copies its machine's files up; once all have, rank 0 adds running_states.json.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))  # set by Ray Train (and torchrun)
+    source = final if rank == 0 else final.parent / f"{TMP_PREFIX}{final.name}"
+    if local_rank == 0 and source.is_dir():
+        storage.upload_dir(source, dest, skip=(RUNNING_STATES,))
+        if rank != 0:
+            shutil.rmtree(source, ignore_errors=True)  # this machine's part lives on at `dest`
+    _barrier()
+    if rank == 0:
+        storage.upload_file(final / RUNNING_STATES, dest / RUNNING_STATES)
+    _barrier()
+
+
+def fetch_checkpoint(path: str | Path | storage.Location) -> Path:
+    """A local directory holding the checkpoint `path`: itself, or for a URI its local mirror,
+    downloaded once per machine."""
+    if not storage.is_uri(path):
+        return Path(path)
+    source = storage.location(path)
+    read_running_states(source)  # a missing or incomplete checkpoint is named as such, not downloaded
+    try:
+        return storage.fetch_dir(source, RUNNING_STATES)
+    except OSError as err:
+        raise CheckpointError(f"{source}: cannot download the checkpoint: {err}") from None
+
+
+def read_running_states(path: str | Path | storage.Location) -> RunningStates:
+    """running_states.json of a complete checkpoint (a local path or a URI), or CheckpointError naming
+    what is missing."""
+    path = storage.pathlike(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     if path.name.startswith(TMP_PREFIX):
@@ -133,7 +186,7 @@ def read_running_states(path: str | Path) -> RunningStates:
 
 
 def load_checkpoint(
-    path: str | Path,
+    path: str | Path | storage.Location,
     engine: Any,
     ema: nn.Module | None,
     sampler: Any | None,
@@ -146,9 +199,9 @@ def load_checkpoint(
 
     Every rank calls this. `model_type` (the config's model.type) must match the checkpoint's.
     `restore_position=False` (Open-Sora's `start_from_scratch`) keeps the weights, EMA and optimizer
-    moments but not the LR schedule, sampler position or RNG states.
+    moments but not the LR schedule, sampler position or RNG states. A URI is fetched to local disk first.
     """
-    path = Path(path)
+    path = fetch_checkpoint(path)
     states = read_running_states(path)
     if model_type is not None and states.model_type != model_type:
         raise CheckpointError(
@@ -182,6 +235,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         if (child / RUNNING_STATES).is_file():
             found.append((read_running_states(child).global_step, child))
     return max(found)[1] if found else None
+
+
+def _disk_full_error(final: Path) -> StorageError:
+    previous = latest_checkpoint(final.parent)
+    lost = f"{final}: no space left on device while writing this checkpoint; its partial files were removed"
+    if previous is None:
+        return StorageError(f"{lost} (no earlier checkpoint in {final.parent}); free space and run again")
+    return StorageError(
+        f"{lost} and the latest complete checkpoint, {previous}, is intact; free space, then resume "
+        f"with --load {previous}"
+    )
 
 
 def _rng_states() -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The training loop each Ray Train worker runs: Open-Sora's train step on DeepSpeed, start to finish.
 
 `config` is the resolved Open-Sora config as a plain dict plus the run keys `output_dir`,
-`snapshot_dir`, `mlflow_run_id`, `config_text` and optionally `load`, `max_steps`,
+`snapshot_dir`, `mlflow_run_id`, `config_text` and optionally `checkpoint_uri` (shared storage each
+saved checkpoint is copied to), `load`, `max_steps`,
 `grad_accum`, `synthetic_data` (random clips instead of a bucket snapshot: benchmarks, tests).
 
 Randomness: before each micro-batch the global torch RNG (VAE sampling, caption dropout,
@@ -35,6 +36,7 @@ from opensora_core.parallel.sequence import (
     new_sequence_parallel_groups,
     parallel_layout,
 )
+from opensora_core.storage import join
 from opensora_core.train.checkpoint import (
     RunningStates,
     latest_checkpoint,
@@ -164,12 +166,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from %s at epoch %d step %d (global step %d)", resume_from, *_position(states))
 
+    run_log = None
     if run_id:
-        # Also opens the tracking store now: its first use costs seconds (imports, a schema check with a
-        # SQLite store), which would otherwise land inside the first logged step.
-        tracking.set_tags(
+        # MLflow records go through a queue, so a tracking server that is away never stalls or fails a
+        # step. These first ones are sent now, which also opens the tracking store before step 1.
+        run_log = tracking.TrainingLog(
             run_id,
-            {
+            tags={
                 "train.world_size": str(world_size),
                 "train.dp_size": str(layout.dp_size),
                 "train.sp_size": str(sp_size),
@@ -233,8 +236,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 update_ema(ema, engine.module, decay=ema_decay)
             global_step += 1
 
-            # mean loss and total samples over all ranks (each SP group's ranks hold the same samples)
-            totals = torch.tensor([step_loss, float(step_samples) / sp_size], dtype=torch.float64)
+            # mean loss, total samples and files skipped so far over all ranks (each SP group's ranks
+            # hold the same samples, so they read and skip the same files)
+            totals = torch.tensor(
+                [step_loss, float(step_samples) / sp_size, float(loader.skipped) / sp_size],
+                dtype=torch.float64,
+            )
             dist.all_reduce(totals)
             last_loss = totals[0].item() / world_size
             loss_window.append(last_loss)
@@ -252,6 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": totals[1].item() / step_time,
+                    "samples_skipped": totals[2].item(),  # failed files, since the workers started
                     "step_time": step_time,
                     "bucket": float(bucket_ids.setdefault(bucket, len(bucket_ids))),
                     "epoch": float(epoch),
@@ -264,10 +272,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         epoch, step + 1, global_step, last_loss, lr, metrics["grad_norm"],
                         metrics["samples_per_s"], bucket,
                     )  # fmt: skip
-                    if run_id:
-                        tracking.log_metrics(run_id, metrics, step=global_step, wait=False)
+                    if run_log:
+                        run_log.log_metrics(metrics, step=global_step)
                         if bucket not in logged_buckets:
-                            tracking.set_tags(run_id, {f"bucket.{int(metrics['bucket'])}": bucket})
+                            run_log.set_tags({f"bucket.{int(metrics['bucket'])}": bucket})
                             logged_buckets.add(bucket)
 
             if (ckpt_every and global_step % ckpt_every == 0) or at_end:
@@ -286,16 +294,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     states=states,
                     config_text=cfg.get("config_text", ""),
                     rank=rank,
+                    upload_to=cfg.get("checkpoint_uri"),
                 )
                 if rank == 0:
-                    log.info("saved checkpoint %s", saved)
-                    if run_id:
-                        tracking.set_tags(
-                            run_id,
-                            {
-                                "checkpoint.latest": str(saved),
-                                f"checkpoint.global_step{global_step}": str(saved),
-                            },
+                    where = (
+                        join(cfg["checkpoint_uri"], saved.name) if cfg.get("checkpoint_uri") else str(saved)
+                    )
+                    log.info("saved checkpoint %s", where)
+                    if run_log:
+                        run_log.set_tags(
+                            {"checkpoint.latest": where, f"checkpoint.global_step{global_step}": where},
                         )
                 # Ray hears of checkpoints only: its report is a barrier costing ~1 s on a small CPU
                 # run, and the step metrics already go to MLflow
@@ -303,8 +311,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if done:
                 break
         start_step = 0
-    if run_id:
-        tracking.flush()  # metrics queued during training reach MLflow before the run is reported done
+    if run_log:
+        run_log.close()  # queued records reach MLflow (or are reported lost) before the run is reported done
 
 
 def _report(metrics: dict[str, float], checkpoint_dir: Any, rank: int) -> None:
@@ -434,6 +442,11 @@ class SnapshotBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    @property
+    def skipped(self) -> int:
+        """Files that failed to load on this rank so far (the dataset logs a warning for each)."""
+        return self.dataset.skipped
+
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         from opensora_core.data.dataset import collate_fn
 
@@ -488,6 +501,7 @@ class SyntheticClips:
         self.epoch, self.start = 0, 0
         self.max_batch_size = batch_size
         self.bucket_names = [f"{num_frames}-{height}-{width}"]
+        self.skipped = 0  # random clips never fail to load
 
     def __len__(self) -> int:
         return self.num_batches // self.world_size
