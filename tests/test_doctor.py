@@ -72,7 +72,6 @@ def test_reachable_services_are_ok():
 def test_ray_address_auto_is_checked_against_the_cluster_running_here(capsys, monkeypatch):
     import ray
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private local instance for this test
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         checks = service_checks({"RAY_ADDRESS": "auto"})

@@ -119,7 +119,6 @@ def test_tracking_credentials_reach_the_workers_but_not_rays_state_or_logs(
 
     secret = "pw-7f3a9c-not-for-logs"
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private local instance for this test
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         result = run_training(

@@ -8,10 +8,9 @@ from opensora_core.errors import ConfigError
 
 
 @pytest.fixture
-def ray_with_two_gpus(monkeypatch):
+def ray_with_two_gpus():
     import ray
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private local instance for this test
     ray.init(address="local", num_cpus=1, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

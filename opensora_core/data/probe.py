@@ -1,4 +1,4 @@
-"""Read one media file's header (PyAV for video, Pillow for images) into a MediaInfo.
+"""Read one media file's header (an MP4/MOV's index or PyAV for video, Pillow for images) into a MediaInfo.
 
 The file type is decided by its content, not its extension, so a PNG named `.mp4` is recorded as
 the image it is. Images have no frame rate or duration: `fps` and `duration` are None for them
@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from opensora_core.data.mp4_header import MP4_CONTAINER, read_mp4_video
 from opensora_core.errors import MediaError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
@@ -184,6 +185,33 @@ def _probe_image(path: Path, st: os.stat_result) -> MediaInfo:
 
 
 def _probe_video(path: Path, st: os.stat_result) -> MediaInfo:
+    # Most corpora are MP4/MOV: their index gives the same answer as PyAV at a tenth of a millisecond.
+    return _probe_mp4_index(path, st) or _probe_video_with_pyav(path, st)
+
+
+def _probe_mp4_index(path: Path, st: os.stat_result) -> MediaInfo | None:
+    """The MediaInfo PyAV would give, read from an MP4/MOV index; None where PyAV must decide."""
+    video = read_mp4_video(path, st.st_size)
+    if video is None or not (0 < video.fps <= MAX_FPS):
+        return None
+    if not (0 < video.height <= MAX_SIDE and 0 < video.width <= MAX_SIDE):
+        return None  # PyAV's path words the error
+    return MediaInfo(
+        path=str(path),
+        num_frames=video.num_frames,
+        height=video.height,
+        width=video.width,
+        fps=video.fps,
+        duration=video.duration,
+        codec=video.codec,
+        container=MP4_CONTAINER,
+        is_image=False,
+        file_size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+    )
+
+
+def _probe_video_with_pyav(path: Path, st: os.stat_result) -> MediaInfo:
     import av
 
     with av.open(str(path), metadata_errors="ignore") as container:
@@ -209,6 +237,12 @@ def _probe_video(path: Path, st: os.stat_result) -> MediaInfo:
             raise ProbeError(path, CORRUPT, "video stream holds no data")
         if num_frames <= 0:
             num_frames = 1 + sum(1 for p in container.demux(stream) if p.size)
+        elif not _last_frame_is_there(container, stream):
+            raise ProbeError(
+                path,
+                CORRUPT,
+                f"truncated: the header declares {num_frames} frames, the data ends before the last",
+            )
         if fps is None and duration:
             fps = num_frames / duration
         if fps is None:
@@ -230,6 +264,22 @@ def _probe_video(path: Path, st: os.stat_result) -> MediaInfo:
         file_size=st.st_size,
         mtime_ns=st.st_mtime_ns,
     )
+
+
+def _last_frame_is_there(container, stream) -> bool:
+    """Whether the packet of the stream's last frame can be read. A copy cut short keeps a header (and an
+    mp4 index) that promises frames its data no longer holds; seeking to the last one costs one packet."""
+    import av
+
+    if not stream.duration:  # Matroska/WebM: no per-stream end to seek to (read time copes with those)
+        return True
+    try:
+        container.seek(
+            (stream.start_time or 0) + stream.duration, stream=stream, backward=True, any_frame=True
+        )
+    except av.FFmpegError:  # a container that cannot seek says nothing about its data
+        return True
+    return next((p for p in container.demux(stream) if p.size), None) is not None
 
 
 def _duration_seconds(stream, container) -> float | None:
@@ -267,6 +317,17 @@ def probe_outcome(path: str) -> ProbeOutcome:
         return path, None, exc.reason
     except Exception as exc:  # probe() should not let these out; a scan must survive it if it does
         return path, None, f"{CORRUPT}: {type(exc).__name__}: {exc}"
+
+
+def mp4_index_outcome(path: str) -> ProbeOutcome | None:
+    """probe_outcome's answer for an MP4/MOV that its index answers, else None (PyAV or Pillow must
+    read it). Pure Python, so it cannot crash its process: a scan runs it in its own."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    info = _probe_mp4_index(Path(path), st) if stat.S_ISREG(st.st_mode) else None
+    return None if info is None else (path, info, None)
 
 
 def probe_chunk(paths: list[str], marker_dir: str) -> list[ProbeOutcome]:
