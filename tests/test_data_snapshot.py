@@ -192,7 +192,7 @@ def test_failed_build_keeps_current_and_leaves_no_temp_dir(built, monkeypatch):
     root = base / "snapshots"
     before = sorted(p.name for p in root.iterdir())
 
-    def broken(table, path):
+    def broken(*args):
         raise OSError("disk full")
 
     def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):

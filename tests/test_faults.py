@@ -464,15 +464,15 @@ def test_other_write_errors_are_not_reported_as_a_full_disk(tmp_path, monkeypatc
 
 def put_a_shard_on_a_full_disk(monkeypatch) -> None:
     """The sitting-out shard fails as pyarrow fails on a full disk; the bucket shards are written."""
-    write_table = pq.write_table
+    write_table = pq.ParquetWriter.write_table
 
-    def write_or_fail(table, where, *args, **kwargs):
-        if "sitting_out" in str(where):
+    def write_or_fail(writer, table, *args, **kwargs):
+        if "sitting_out" in str(writer.where):
             detail = "Error writing bytes to file. Detail: [errno 28] No space left on device"
             raise OSError(errno.ENOSPC, detail)
-        return write_table(table, where, *args, **kwargs)
+        return write_table(writer, table, *args, **kwargs)
 
-    monkeypatch.setattr(pq, "write_table", write_or_fail)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_or_fail)
 
 
 def test_disk_full_while_writing_a_shard_keeps_current(tmp_path, build_without_ray, monkeypatch):
