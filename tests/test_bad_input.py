@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import GREY_LEVEL as LEVEL
+from conftest import grey_clip
 from mmengine import Config
 
 from opensora_core.data.bucket import BucketConfig, assign_table
@@ -26,25 +28,6 @@ from opensora_core.data.scan import errors_path_for, scan
 from opensora_core.data.video_io import read_clip
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LEVEL = 7  # frame i of a grey clip has level i * LEVEL, so the frames read can be identified
-
-
-def grey_clip(
-    path: Path, num_frames: int, *, height: int = 48, width: int = 64, faststart: bool = False
-) -> Path:
-    """An mpeg4 clip whose frame i is uniformly grey at level i * LEVEL; `faststart` puts the index first."""
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", options=options) as container:
-        stream = container.add_stream("mpeg4", rate=24)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"qscale": "1"}
-        for i in range(num_frames):
-            frame = np.full((height, width, 3), i * LEVEL, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def cut_short(full: Path, path: Path) -> Path:

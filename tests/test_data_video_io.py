@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import grey_clip
 from PIL import Image
 
 from opensora_core.data import video_io
@@ -12,31 +13,13 @@ from opensora_core.data.transforms import apply_transform, resize_crop
 from opensora_core.data.video_io import read_clip, read_image, temporal_crop_indices
 from opensora_core.errors import ConfigError, MediaError
 
-LEVEL = 7  # frame i is filled with grey level i * LEVEL, so the frames read can be identified
-
-
-def write_video(path: Path, num_frames: int = 30, height: int = 48, width: int = 64, fps: int = 24) -> Path:
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"qscale": "1"}
-        for i in range(num_frames):
-            frame = np.full((height, width, 3), i * LEVEL, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
 
 def write_image(path: Path, height: int = 40, width: int = 30, value: int = 200) -> Path:
     Image.fromarray(np.full((height, width, 3), value, dtype=np.uint8)).save(path)
     return path
 
 
-# Mean grey level of each decoded frame of write_video's clip (the codec shifts the levels a little).
+# Mean grey level of each decoded frame of grey_clip's clip (the codec shifts the levels a little).
 DECODED_LEVELS: list[float] = []
 
 
@@ -50,7 +33,7 @@ def frame_numbers(frames: np.ndarray) -> list[int]:
 def video(tmp_path_factory):
     import av
 
-    path = write_video(tmp_path_factory.mktemp("media") / "clip.mp4")
+    path = grey_clip(tmp_path_factory.mktemp("media") / "clip.mp4")
     with av.open(str(path)) as container:
         DECODED_LEVELS[:] = [f.to_ndarray(format="rgb24").mean() for f in container.decode(video=0)]
     assert len(DECODED_LEVELS) == 30 and np.all(np.diff(DECODED_LEVELS) > 2)

@@ -6,6 +6,8 @@ import http.server
 import socket
 import threading
 
+import pytest
+
 from opensora_core.cli import main as cli_main
 from opensora_core.doctor import service_checks
 
@@ -39,9 +41,12 @@ def test_unreachable_service_is_a_problem_with_its_address(capsys, monkeypatch):
     assert line.startswith("BAD") and f"127.0.0.1:{port}" in line and "unreachable" in line
 
 
-def test_reachable_services_are_ok():
+@pytest.fixture
+def health_server():
+    """An HTTP server on a free port answering 200 on any `/health` path, 404 elsewhere; yields its port."""
+
     class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
             self.send_response(200 if self.path.endswith("/health") else 404)
             self.end_headers()
 
@@ -50,23 +55,37 @@ def test_reachable_services_are_ok():
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_address[1]
-        checks = {
-            c.name: c
-            for c in service_checks(
-                {
-                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
-                    "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-                    "RAY_ADDRESS": f"127.0.0.1:{port}",
-                }
-            )
-        }
-    finally:
-        server.shutdown()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_reachable_services_are_ok(health_server):
+    port = health_server
+    checks = {
+        c.name: c
+        for c in service_checks(
+            {
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+                "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                "RAY_ADDRESS": f"127.0.0.1:{port}",
+            }
+        )
+    }
     assert all(c.ok for c in checks.values()), checks
     assert checks["prefect"].detail.endswith("HTTP 200")
     assert checks["ray cluster"].detail.endswith("port open")
+
+
+def test_a_server_named_with_a_password_is_reached_without_printing_it(health_server, capsys, monkeypatch):
+    port = health_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:hunter2@127.0.0.1:{port}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    cli_main(["doctor"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if " mlflow " in line)
+    assert line.startswith("ok") and f"http://***@127.0.0.1:{port}: HTTP 200" in line
+    assert "hunter2" not in out and "alice" not in out
 
 
 def test_ray_address_auto_is_checked_against_the_cluster_running_here(capsys, monkeypatch):

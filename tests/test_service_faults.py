@@ -7,7 +7,6 @@ and a process worker (no Ray head: training here runs on a local Ray, as in test
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_local_services
 
 from opensora_core import tracking
 
@@ -30,15 +30,7 @@ pytestmark = [
 ]
 
 
-def _load_services():
-    spec = importlib.util.spec_from_file_location("local_services", REPO / "infra/local/services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-services = _load_services()
+services = load_local_services()
 
 
 def quiet(*_args) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import ipaddress
 import json
 import os
@@ -18,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import load_local_services
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "infra" / "local"
@@ -30,15 +30,7 @@ pytestmark = [
 ]
 
 
-def _load_services():
-    spec = importlib.util.spec_from_file_location("local_services", LOCAL / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-services = _load_services()
+services = load_local_services()
 
 
 def _run(script: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import load_local_services
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_services():
-    spec = importlib.util.spec_from_file_location("local_services", REPO / "infra" / "local" / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-services = _load_services()
+services = load_local_services()
 
 
 @pytest.fixture

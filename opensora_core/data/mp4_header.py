@@ -424,14 +424,7 @@ def _h264_size(sps: bytes) -> tuple[int, int]:
     if not bits.u(1):  # frame_mbs_only_flag
         raise _Unsupported("interlaced H.264")
     bits.u(1)  # direct_8x8_inference_flag
-    left = right = top = bottom = 0
-    if bits.u(1):  # frame_cropping_flag
-        left, right, top, bottom = bits.ue(), bits.ue(), bits.ue(), bits.ue()
-    if left or top:
-        raise _Unsupported("left/top cropping")
-    step_x = 2 if chroma in (1, 2) else 1
-    step_y = 2 if chroma == 1 else 1
-    return 16 * width_mbs - step_x * right, 16 * height_units - step_y * bottom
+    return _cropped(bits, chroma, 16 * width_mbs, 16 * height_units)  # frame_cropping_flag and offsets
 
 
 def _hevc_size(sps: bytes) -> tuple[int, int]:
@@ -451,8 +444,14 @@ def _hevc_size(sps: bytes) -> tuple[int, int]:
     if chroma == 3 and bits.u(1):  # separate_colour_plane_flag
         chroma = 0
     width, height = bits.ue(), bits.ue()
+    return _cropped(bits, chroma, width, height)  # conformance_window_flag and offsets
+
+
+def _cropped(bits: _Bits, chroma: int, width: int, height: int) -> tuple[int, int]:
+    """(width, height) after the SPS's crop window: a flag, then left/right/top/bottom offsets in chroma
+    sample units (H.264 frame cropping and H.265 conformance window are coded the same way)."""
     left = right = top = bottom = 0
-    if bits.u(1):  # conformance_window_flag
+    if bits.u(1):
         left, right, top, bottom = bits.ue(), bits.ue(), bits.ue(), bits.ue()
     if left or top:
         raise _Unsupported("left/top cropping")
