@@ -3,7 +3,8 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_data_video_io import write_image, write_video
+from conftest import grey_clip as write_video
+from test_data_video_io import write_image
 
 from opensora_core.data.dataset import VariableVideoTextDataset, VideoTextDataset, collate_fn, parse_index
 from opensora_core.errors import ConfigError

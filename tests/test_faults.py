@@ -29,9 +29,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import grey_clip as write_video
 from safetensors import SafetensorError
 from test_data_snapshot import metadata_table
-from test_data_video_io import write_image, write_video
+from test_data_video_io import write_image
 from test_train_checkpoint import MODEL_TYPE, make_engine, one_process_group, save  # noqa: F401
 from test_train_checkpoint import train as train_steps
 
@@ -289,7 +290,7 @@ def write_media(folder: Path, names: range) -> set[str]:
     paths = set()
     for i in names:
         for path in (
-            write_video(folder / f"clip{i}.mp4", 20, 144, 256),
+            write_video(folder / f"clip{i}.mp4", 20, height=144, width=256),
             write_image(folder / f"still{i}.png", 144, 256),
         ):
             path.with_suffix(".txt").write_text(f"caption {path.name}\n")
