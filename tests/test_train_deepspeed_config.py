@@ -73,3 +73,20 @@ def test_sequence_parallel_needs_zero2_seq():
 def test_negative_grad_clip_is_a_config_error():
     with pytest.raises(ConfigError, match="grad_clip"):
         deepspeed_config("zero2", "fp32", -1.0, micro_batch_size=1)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "world_size", "stage"),
+    [
+        ("zero2", 1, 1),  # one rank: nothing to partition, stage 1 without stage 2's per-gradient hooks
+        ("zero2", 2, 2),
+        ("zero2", None, 2),
+        ("zero2-seq", 2, 2),
+        ("zero1", 1, 1),
+        ("ddp", 1, 0),
+    ],
+)
+def test_zero2_on_a_single_rank_runs_as_stage_1(plugin, world_size, stage):
+    sp_size = 2 if plugin == "zero2-seq" else 1
+    cfg = deepspeed_config(plugin, "fp32", 1.0, micro_batch_size=1, sp_size=sp_size, world_size=world_size)
+    assert cfg["zero_optimization"]["stage"] == stage

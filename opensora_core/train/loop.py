@@ -62,7 +62,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from opensora_core import tracking
     from opensora_core.models.registry import build_model, build_text_encoder, build_vae
-    from opensora_core.parallel.deepspeed_config import deepspeed_config
+    from opensora_core.parallel.deepspeed_config import PLUGINS, deepspeed_config
     from opensora_core.schedulers import build_scheduler
 
     cfg = config
@@ -125,15 +125,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         eps=float(cfg.get("adam_eps", 1e-8)),
     )
     lr_scheduler = build_lr_scheduler(optimizer, cfg.get("warmup_steps"))
+    plugin = cfg.get("plugin", "zero2")
     ds_config = deepspeed_config(
-        cfg.get("plugin", "zero2"),
+        plugin,
         cfg.get("dtype", "bf16"),
         float(cfg.get("grad_clip", 0.0) or 0.0),
         micro_batch_size=loader.max_batch_size,
         grad_accum=grad_accum,
         sp_size=sp_size,
         on_gpu=on_gpu,
+        world_size=world_size,
     )
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    if rank == 0 and zero_stage != PLUGINS[plugin]:
+        log.info(
+            "plugin=%r on a single rank runs as ZeRO stage %d: no gradients to partition", plugin, zero_stage
+        )
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -176,12 +183,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "train.world_size": str(world_size),
                 "train.dp_size": str(layout.dp_size),
                 "train.sp_size": str(sp_size),
+                "train.zero_stage": str(zero_stage),
                 "train.start_global_step": str(global_step),
             },
         )
 
     # ---- train
-    loss_window: list[float] = []
+    # losses stay on the device between logged steps: no host sync, no collective on the other steps
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_steps = 0
     bucket_ids = {bucket: i for i, bucket in enumerate(loader.bucket_names)}
     logged_buckets: set[str] = set()
     done = max_steps is not None and global_step >= max_steps
@@ -194,7 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for step in range(start_step, num_steps_per_epoch):
             step_start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
-            step_loss, step_samples = 0.0, 0
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            step_samples = 0
             for micro in range(grad_accum):
                 batch = next(batches)
                 weight = 1.0
@@ -230,42 +241,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss = scheduler.training_losses(engine, x, model_args, mask=mask)["loss"].mean()
                 engine.backward(loss * weight)
                 engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
-                step_loss += weight * loss.detach().float().item() / grad_accum
+                step_loss += loss.detach().double() * (weight / grad_accum)
                 step_samples += x.shape[0]
             if ema is not None:
                 update_ema(ema, engine.module, decay=ema_decay)
             global_step += 1
 
-            # mean loss, total samples and files skipped so far over all ranks (each SP group's ranks
-            # hold the same samples, so they read and skip the same files)
-            totals = torch.tensor(
-                [step_loss, float(step_samples) / sp_size, float(loader.skipped) / sp_size],
-                dtype=torch.float64,
-            )
-            dist.all_reduce(totals)
-            last_loss = totals[0].item() / world_size
-            loss_window.append(last_loss)
-            step_time = time.perf_counter() - step_start
+            window_loss += step_loss
+            window_steps += 1
             done = max_steps is not None and global_step >= max_steps
             at_end = done or (epoch == epochs - 1 and step == num_steps_per_epoch - 1)
+            log_now = global_step % log_every == 0 or at_end
+            save_now = bool(ckpt_every and global_step % ckpt_every == 0) or at_end
 
             metrics: dict[str, float] = {}
-            if global_step % log_every == 0 or at_end:
+            if log_now or save_now:
+                # loss of this step and of the window, samples of this step and files skipped so far,
+                # summed over all ranks (each SP group's ranks hold the same samples, so they read and
+                # skip the same files)
+                totals = torch.stack(
+                    [step_loss, window_loss]
+                    + [
+                        torch.tensor(n / sp_size, dtype=torch.float64, device=device)
+                        for n in (step_samples, loader.skipped)
+                    ]
+                )
+                dist.all_reduce(totals)
+                step_loss_sum, window_loss_sum, samples, skipped = totals.tolist()
+                step_time = time.perf_counter() - step_start
+                last_loss = step_loss_sum / world_size
+            if log_now:
                 bucket = loader.bucket_of(batch)
                 grad_norm = engine.get_global_grad_norm()
                 metrics = {
                     "loss": last_loss,
-                    "avg_loss": sum(loss_window) / len(loss_window),
+                    "avg_loss": window_loss_sum / world_size / window_steps,
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "samples_per_s": totals[1].item() / step_time,
-                    "samples_skipped": totals[2].item(),  # failed files, since the workers started
+                    "samples_per_s": samples / step_time,
+                    "samples_skipped": skipped,  # failed files, since the workers started
                     "step_time": step_time,
                     "bucket": float(bucket_ids.setdefault(bucket, len(bucket_ids))),
                     "epoch": float(epoch),
                     "global_step": float(global_step),
                 }
-                loss_window = []
+                window_loss.zero_()
+                window_steps = 0
                 if rank == 0:
                     log.info(
                         "epoch %d step %d global_step %d loss %.5f lr %.3g grad_norm %.4g %.1f samples/s [%s]",
@@ -278,7 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             run_log.set_tags({f"bucket.{int(metrics['bucket'])}": bucket})
                             logged_buckets.add(bucket)
 
-            if (ckpt_every and global_step % ckpt_every == 0) or at_end:
+            if save_now:
                 states = RunningStates(
                     epoch=epoch,
                     step=step + 1,
