@@ -28,6 +28,12 @@ class StorageError(OpenSoraError):
     """A write ran out of disk space or quota; the message names the state that was kept intact."""
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to its first line (a library's may run to pages), or its type's name."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXTS = tuple(os.strerror(code) for code in _FULL_ERRNOS)  # how libraries that drop errno word it
 _NEARLY_FULL_BYTES = 1 << 20

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from opensora_core.errors import OpenSoraError
+from opensora_core.errors import OpenSoraError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
         wait_for_server()
         _client().set_terminated(run_id, status=status)
     except Exception as err:
-        log.warning("MLflow: run %s could not be marked %s: %s", run_id, status, _first_line(err))
+        log.warning("MLflow: run %s could not be marked %s: %s", run_id, status, first_line(err))
 
 
 @contextmanager
@@ -229,6 +229,7 @@ class TrainingLog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()  # close() waits for the queue to empty
+        self._hurry = threading.Event()  # send what is queued without waiting for more
         self._given_up = threading.Event()  # close() stopped waiting
         self._problem: str | None = None  # why the last attempt failed
         self._thread = threading.Thread(
@@ -247,14 +248,22 @@ class TrainingLog:
         self._wake.set()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Queue tags; they go at once (they are rare: a new bucket, a checkpoint), with what is queued."""
         with self._lock:
             self._tags.update({k: str(v) for k, v in tags.items()})
+        self.send_now()
+
+    def send_now(self) -> None:
+        """Send what is queued without waiting `send_every_s` for more (the loop calls it before saving a
+        checkpoint, so a run that dies while saving still has its metrics up to there). Never waits."""
+        self._hurry.set()
         self._wake.set()
 
     def close(self, catch_up_s: float | None = None) -> None:
         """Send what is queued, waiting up to `catch_up_s` (CATCH_UP_S) for an absent server; what is
         left then is reported once and dropped."""
         self._closing.set()
+        self._hurry.set()
         self._wake.set()
         self._thread.join(CATCH_UP_S if catch_up_s is None else catch_up_s)
         self._given_up.set()
@@ -273,7 +282,9 @@ class TrainingLog:
     def _send_until_closed(self) -> None:
         while not self._given_up.is_set():
             self._wake.wait()
-            self._closing.wait(self._send_every_s)  # what the next steps log joins this request
+            self._hurry.wait(self._send_every_s)  # what the next steps log joins this request
+            if not self._closing.is_set():
+                self._hurry.clear()
             self._wake.clear()
             while self._has_pending() and not self._given_up.is_set():
                 if not self._send_batch():
@@ -298,7 +309,7 @@ class TrainingLog:
         try:
             _client().log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags])
         except Exception as err:  # the server went away mid-request, or refused the batch
-            self._problem = _first_line(err)
+            self._problem = first_line(err)
             if getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE":
                 return False
             # The server answered and refused these records: sending them again would block the queue.
@@ -314,11 +325,6 @@ class TrainingLog:
                 if self._tags.get(key) == value:  # unless set again meanwhile
                     del self._tags[key]
         return True
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def tracking_enabled() -> bool:

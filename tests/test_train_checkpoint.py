@@ -79,7 +79,7 @@ class Sampler:
         self.state = state
 
 
-def make_engine(seed: int):
+def make_engine(seed: int, load_universal: bool = False):
     import deepspeed
 
     torch.manual_seed(seed)
@@ -87,6 +87,8 @@ def make_engine(seed: int):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-8)
     scheduler = build_lr_scheduler(optimizer, 3)
     config = deepspeed_config("zero2", "fp32", 1.0, micro_batch_size=2)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
     )
@@ -239,3 +241,39 @@ def test_start_from_scratch_keeps_weights_but_not_the_position(tmp_path):
     assert torch.equal(fresh.module.proj.weight, engine.module.proj.weight)
     assert sampler.state is None
     assert fresh.lr_scheduler.last_epoch == 0
+
+
+def test_a_universal_copy_of_a_checkpoint_resumes_it_exactly(tmp_path):
+    """A checkpoint saved by another number of ranks loads through DeepSpeed's universal form (the
+    two-worker case is in test_train_distributed); in one process it must give the same next losses."""
+    engine = make_engine(0)
+    ema = create_ema(engine.module)
+    train(engine, ema, 2, 0)
+    path = save(engine, ema, tmp_path / "run", 2)
+    reference = train(engine, ema, 3, 2)
+
+    assert ckpt.saved_zero_ranks(path) == 1
+    assert ckpt.needs_resharding(path, world_size=2, zero_stage=2)
+    assert not ckpt.needs_resharding(path, world_size=1, zero_stage=2)
+    assert not ckpt.needs_resharding(path, world_size=2, zero_stage=0)  # ddp: no split state to load
+
+    resumed = make_engine(1, load_universal=True)
+    resumed_ema = create_ema(resumed.module)
+    load_checkpoint(path, resumed, resumed_ema, Sampler(), universal_dir=tmp_path / "universal")
+    assert train(resumed, resumed_ema, 3, 2) == pytest.approx(reference, rel=1e-6, abs=0)
+    assert (tmp_path / "universal" / "global_step2_universal" / "zero").is_dir()
+
+
+def test_a_checkpoint_that_cannot_be_converted_is_one_line_naming_it(tmp_path):
+    engine = make_engine(0)
+    ema = create_ema(engine.module)
+    train(engine, ema, 1, 0)
+    path = save(engine, ema, tmp_path / "run", 1)
+    (shard,) = (path / "ds").glob("*/zero_pp_rank_*_optim_states.pt")
+    shard.write_bytes(b"not a torch file")
+
+    with pytest.raises(CheckpointError) as err:
+        ckpt.universal_checkpoint(path, tmp_path / "universal")
+    message = str(err.value)
+    assert str(path) in message and "another number of ranks" in message and "\n" not in message
+    assert not [p for p in (tmp_path / "universal").iterdir() if not p.name.endswith(".lock")]

@@ -64,6 +64,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("OPENSORA_CACHE", str(root / "cache"))
         mp.delenv("RAY_ADDRESS", raising=False)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
@@ -166,6 +167,18 @@ def test_resumed_run_repeats_the_uninterrupted_losses(two_workers, resumed):
     assert len(after_resume) == STEPS - 2
     assert after_resume == pytest.approx(uninterrupted[2:], rel=1e-6, abs=0)
     assert resumed[0].global_step == STEPS
+
+
+def test_a_one_worker_checkpoint_resumes_on_two_workers(env, one_worker, two_workers):
+    """The one-worker run (plugin zero2, run as ZeRO stage 1) and the two-worker run train on the same
+    global batches; resumed on two workers, the one-worker checkpoint (its optimizer state in one piece)
+    continues with the two-worker run's losses: DeepSpeed re-splits it through a universal checkpoint."""
+    step2 = Path(one_worker[0].exp_dir) / "epoch0-global_step2"
+    result, run_id = run(env, "one-to-two", 2, load=str(step2))
+    assert losses(run_id) == pytest.approx(losses(two_workers[1])[2:], rel=LOSS_TOLERANCE, abs=0)
+    assert result.global_step == STEPS
+    universal = env["root"] / "cache" / "universal"  # the machine's copy: made, then removed once loaded
+    assert universal.is_dir() and not list(universal.iterdir())
 
 
 def test_checkpoint_of_another_model_type_is_refused_before_launch(env, two_workers):

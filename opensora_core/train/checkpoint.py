@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from opensora_core import storage
-from opensora_core.errors import CheckpointError, StorageError, is_disk_full
+from opensora_core.errors import CheckpointError, StorageError, first_line, is_disk_full
 
 RUNNING_STATES = "running_states.json"
 RNG_STATES = "rng_state_rank{rank}.pt"
@@ -194,12 +194,18 @@ def load_checkpoint(
     model_type: str | None = None,
     rank: int = 0,
     restore_position: bool = True,
+    universal_dir: Path | None = None,
 ) -> RunningStates:
     """Restore model, optimizer, LR scheduler, EMA, sampler position and this rank's RNG states.
 
     Every rank calls this. `model_type` (the config's model.type) must match the checkpoint's.
     `restore_position=False` (Open-Sora's `start_from_scratch`) keeps the weights, EMA and optimizer
     moments but not the LR schedule, sampler position or RNG states. A URI is fetched to local disk first.
+
+    A checkpoint saved by another number of ranks than this run's (see `needs_resharding`) is loaded
+    through DeepSpeed's universal checkpoint: `universal_dir` (a directory of this machine, the same
+    for all its ranks) receives that form of its ZeRO state, and the engine must have been created
+    with `"checkpoint": {"load_universal": True}` in its config.
     """
     path = fetch_checkpoint(path)
     states = read_running_states(path)
@@ -208,11 +214,13 @@ def load_checkpoint(
             f"{path}: checkpoint of model {states.model_type!r}, but model.type is {model_type!r}; "
             "load a checkpoint of the same model type (or set model.from_pretrained to start from weights)"
         )
+    ds_dir, tag = path / "ds", None
+    if universal_dir is not None:
+        ds_dir, tag = universal_dir, universal_checkpoint(path, universal_dir).name
     try:
-        load_path, _ = engine.load_checkpoint(str(path / "ds"), load_lr_scheduler_states=restore_position)
+        load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag, load_lr_scheduler_states=restore_position)
     except RuntimeError as err:  # shape mismatches: same type name, different sizes
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: weights do not fit the configured model: {first_line}") from None
+        raise CheckpointError(f"{path}: weights do not fit the configured model: {first_line(err)}") from None
     if load_path is None:
         raise CheckpointError(f"{path / 'ds'}: no DeepSpeed state found")
     if ema is not None and (path / "ema.safetensors").is_file():
@@ -226,6 +234,61 @@ def load_checkpoint(
     if rng_file.is_file():
         _set_rng_states(torch.load(rng_file, weights_only=False))
     return states
+
+
+def saved_zero_ranks(path: str | Path) -> int:
+    """How many ranks the ZeRO optimizer state of checkpoint `path` is split over (0: not split, ddp)."""
+    return len(list((Path(path) / "ds").glob("*/zero_pp_rank_*_optim_states.pt")))
+
+
+def needs_resharding(path: str | Path | storage.Location, world_size: int, zero_stage: int) -> bool:
+    """Whether checkpoint `path` was saved with its ZeRO optimizer state split over another number of
+    ranks than `world_size` (DeepSpeed loads such a state only as a universal checkpoint)."""
+    saved = saved_zero_ranks(fetch_checkpoint(path))
+    return zero_stage > 0 and saved > 0 and saved != world_size
+
+
+def universal_checkpoint(path: Path, workdir: Path) -> Path:
+    """DeepSpeed's universal form of checkpoint `path`'s ZeRO state (each parameter's fp32 weights and
+    Adam moments whole, so any number of ranks can take its share), written once under `workdir`.
+
+    The ranks of one machine share it: the first converts under a temporary name and renames it,
+    the others wait on a file lock and find it there.
+    """
+    import contextlib
+    import io
+    import uuid
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from filelock import FileLock
+
+    tag = (path / "ds" / "latest").read_text().strip()
+    target = workdir / f"{tag}_universal"
+    workdir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(workdir / f".{target.name}.lock")):
+        if (target / "zero").is_dir():  # another rank of this machine converted it
+            return target
+        tmp = workdir / f"{TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+        args = Namespace(
+            input_folder=str(path / "ds" / tag),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # the parameter layout, which our saves do not add by hand
+        )
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines, one per parameter
+                ds_to_universal(args)
+            os.replace(tmp, target)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"{path}: cannot convert its DeepSpeed state for another number of ranks: {first_line(err)}"
+            ) from None
+    return target
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -18,10 +18,13 @@ reads the same batch and draws the same numbers (data and seeds follow the data-
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
 import random
+import shutil
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,18 +33,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from opensora_core import storage
 from opensora_core.errors import ConfigError
 from opensora_core.parallel.sequence import (
     apply_sequence_parallel,
     new_sequence_parallel_groups,
     parallel_layout,
 )
-from opensora_core.storage import join
 from opensora_core.train.checkpoint import (
     RunningStates,
+    fetch_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    needs_resharding,
     save_checkpoint,
+    saved_zero_ranks,
 )
 from opensora_core.train.ema import create_ema, update_ema
 from opensora_core.train.lr import build_lr_scheduler
@@ -141,6 +147,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info(
             "plugin=%r on a single rank runs as ZeRO stage %d: no gradients to partition", plugin, zero_stage
         )
+
+    # ---- resume: the run's latest checkpoint after a worker failure, else `load`
+    # A restarted worker group may see no Ray checkpoint when a worker died before Ray registered
+    # the last report, so the run's own directory is searched too (a new run's directory is empty).
+    ray_checkpoint = ray.train.get_checkpoint()
+    own_checkpoint = ray_checkpoint.path if ray_checkpoint is not None else latest_checkpoint(output_dir)
+    resume_from = own_checkpoint or cfg.get("load")
+    universal_dir = None
+    if resume_from and needs_resharding(resume_from, world_size, zero_stage):
+        # saved by another number of ranks: DeepSpeed re-splits the optimizer state only from its
+        # universal form, which each machine writes once into its cache (removed once loaded)
+        key = hashlib.sha1(f"{output_dir}\n{resume_from}".encode()).hexdigest()[:16]
+        universal_dir = storage.cache_dir() / "universal" / f"{socket.gethostname()}-{key}"
+        ds_config["checkpoint"] = {"load_universal": True}
+        if rank == 0:
+            log.info(
+                "%s holds the optimizer state of %d ranks, this run has %d: loading it as a DeepSpeed "
+                "universal checkpoint", resume_from, saved_zero_ranks(fetch_checkpoint(resume_from)), world_size,
+            )  # fmt: skip
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -149,13 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
-    # ---- resume: the run's latest checkpoint after a worker failure, else `load`
     start_epoch = start_step = global_step = 0
-    # A restarted worker group may see no Ray checkpoint when a worker died before Ray registered
-    # the last report, so the run's own directory is searched too (a new run's directory is empty).
-    ray_checkpoint = ray.train.get_checkpoint()
-    own_checkpoint = ray_checkpoint.path if ray_checkpoint is not None else latest_checkpoint(output_dir)
-    resume_from = own_checkpoint or cfg.get("load")
     if resume_from:
         # start_from_scratch (with `load`): the weights and optimizer moments, but step 0 of epoch 0
         from_scratch = own_checkpoint is None and bool(cfg.get("start_from_scratch"))
@@ -167,7 +186,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model_type=cfg["model"]["type"],
             rank=rank,
             restore_position=not from_scratch,
+            universal_dir=universal_dir,
         )
+        if universal_dir is not None:
+            dist.barrier()  # every rank of this machine has read its share
+            if context.get_local_rank() == 0:
+                shutil.rmtree(universal_dir, ignore_errors=True)
         if not from_scratch:
             start_epoch, start_step, global_step = states.epoch, states.step, states.global_step
         if rank == 0:
@@ -300,6 +324,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             logged_buckets.add(bucket)
 
             if save_now:
+                if run_log:
+                    run_log.send_now()  # this step's records reach MLflow even if the save is cut short
                 states = RunningStates(
                     epoch=epoch,
                     step=step + 1,
@@ -319,7 +345,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 if rank == 0:
                     where = (
-                        join(cfg["checkpoint_uri"], saved.name) if cfg.get("checkpoint_uri") else str(saved)
+                        storage.join(cfg["checkpoint_uri"], saved.name)
+                        if cfg.get("checkpoint_uri")
+                        else str(saved)
                     )
                     log.info("saved checkpoint %s", where)
                     if run_log:
