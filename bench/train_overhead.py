@@ -19,7 +19,7 @@ too. launch_to_first_step_s: from calling `train()` (what `opensora train` calls
 loaded; the first run starts the local Ray) to the end of step 1, estimated as the time to the first
 logged step minus the steady-state time of the steps before it.
 
-Usage: python bench/train_overhead.py [--steps 100] [--warmup 5] [--rounds 5] [--hidden-size 64] [--depth 2]
+Usage: python bench/train_overhead.py [--steps 200] [--warmup 5] [--rounds 5] [--hidden-size 64] [--depth 2]
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def ray_train(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100, help="measured steps (a multiple of --warmup)")
+    parser.add_argument("--steps", type=int, default=200, help="measured steps (a multiple of --warmup)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5, help="1-worker runs, each between two plain loops")
     parser.add_argument("--hidden-size", type=int, default=64)
