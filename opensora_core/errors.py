@@ -28,8 +28,9 @@ class StorageError(OpenSoraError):
     """A write ran out of disk space or quota; the message names the state that was kept intact."""
 
 
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """An exception's message cut to its first line (a library's may run to pages), or its type's name."""
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's message cut to its first line (a library's may run to pages) and to `limit`
+    characters, or its type's name."""
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:limit]
 

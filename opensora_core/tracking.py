@@ -153,7 +153,7 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
         wait_for_server()
         _client().set_terminated(run_id, status=status)
     except Exception as err:
-        log.warning("MLflow: run %s could not be marked %s: %s", run_id, status, first_line(err))
+        log.warning("MLflow: run %s could not be marked %s: %s", run_id, status, first_line(err, limit=300))
 
 
 @contextmanager
@@ -309,7 +309,7 @@ class TrainingLog:
         try:
             _client().log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags])
         except Exception as err:  # the server went away mid-request, or refused the batch
-            self._problem = first_line(err)
+            self._problem = first_line(err, limit=300)
             if getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE":
                 return False
             # The server answered and refused these records: sending them again would block the queue.

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from opensora_core.errors import CheckpointError, ConfigError
+from opensora_core.errors import CheckpointError, ConfigError, first_line
 from opensora_core.models.dit import DIT_MODELS
 from opensora_core.models.latte import LATTE_MODELS
 from opensora_core.models.pixart import PIXART_MODELS
@@ -251,8 +251,7 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
             return load_file(file)
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and pickle raise their own types; all mean an unreadable file
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{file}: cannot read weights ({first_line})") from err
+        raise CheckpointError(f"{file}: cannot read weights ({first_line(err)})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
