@@ -40,7 +40,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -753,6 +753,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
     )
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes too")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="wall-clock budget: a part that would start with under 20 s left is skipped, "
+                        "and the batch-size search stops in time")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parts = [p for p in args.parts.split(",") if p]
@@ -790,9 +793,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if has("diffusers") and ({"encoders", "train", "fit"} & set(parts)):
             vae = guarded(lambda: build_vae(sizes, device, workdir, args.dry_run))
             vae, vae_error = (None, vae) if isinstance(vae, dict) else (vae, None)
-        timings = {}
+        timings: dict[str, float] = {}
+        report["part_s"] = timings
+        deadline = started + args.budget_s
         for part in parts:
-            log.info("part %s", part)
+            left = deadline - time.perf_counter()
+            if left < 20:
+                report[part] = {"skipped": f"--budget-s {args.budget_s:g} spent before this part"}
+                continue
+            log.info("part %s (%.0f s of the budget left)", part, left)
             part_start = time.perf_counter()
             if part == "paths":
                 report[part] = part_paths(sizes, device, use_deepspeed)
@@ -802,7 +811,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             elif part == "encoders":
                 report[part] = part_encoders(sizes, device, vae, vae_error)
             elif part == "fit":
-                report[part] = guarded(lambda: part_fit(sizes, device, use_deepspeed, vae))
+                fit_sizes = replace(sizes, fit_budget_s=min(sizes.fit_budget_s, left - 15))
+                report[part] = guarded(lambda s=fit_sizes: part_fit(s, device, use_deepspeed, vae))
             timings[part] = round(time.perf_counter() - part_start, 1)
             report["part_s"] = timings
             save()
