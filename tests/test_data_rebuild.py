@@ -10,7 +10,7 @@ from opensora_core.data.bucket import BucketConfig
 from opensora_core.data.bucket_build import build_snapshot
 from opensora_core.data.bucket_report import REPORT_PLOT_NAME, aspect_ratio_counts, bucket_count_grid
 from opensora_core.data.fingerprint import read_metadata_fingerprint
-from opensora_core.data.manifest import bucket_config_hash
+from opensora_core.data.manifest import MANIFEST_NAME, bucket_config_hash
 from opensora_core.data.sampler import BucketBatchSampler
 from opensora_core.data.snapshot import CURRENT_NAME, open_snapshot
 from opensora_core.data.snapshot_check import check_snapshot
@@ -71,6 +71,18 @@ def test_unchanged_metadata_and_config_need_no_rebuild(built):
     assert check.is_current
     assert check.changes == ()
     assert check.current.snapshot_id == info.manifest.snapshot_id
+
+
+def test_a_current_snapshot_in_the_old_layout_needs_a_rebuild(built):
+    base, meta_path, info = built
+    (info.path / MANIFEST_NAME).rename(
+        info.path / "manifest.json"
+    )  # as builds before `_manifest.json` left it
+    check = check_snapshot(base / "buckets", meta_path, HASH, seed=5, epoch=0)
+    assert check.current is None
+    assert check.changes == (f"no current snapshot under {base / 'buckets'}",)
+    rebuilt = build(meta_path, base / "buckets")
+    assert open_snapshot(base / "buckets").path == rebuilt.path != info.path
 
 
 def test_row_order_does_not_count_as_a_change(built):
