@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from opensora_core.config import load_config
 from opensora_core.data.aspect import NUM_PIXELS, RATIO_TABLES
 from opensora_core.data.bucket import BucketConfig, assign_buckets
-from opensora_core.data.snapshot import bucket_config_hash, build_snapshot
+from opensora_core.data.bucket_build import build_snapshot
+from opensora_core.data.manifest import bucket_config_hash
 
 CONFIG = "configs/opensora-v1-2/train/stage1.py"
 HEIGHTS = np.array([144, 240, 256, 360, 480, 512, 540, 720, 1024, 1080, 1440, 2048, 2160])

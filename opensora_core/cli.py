@@ -41,7 +41,8 @@ def cmd_scan(ns: argparse.Namespace) -> int:
 
 def cmd_bucket(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
-    from opensora_core.data.snapshot import REPORT_PLOT_NAME, format_report, open_snapshot
+    from opensora_core.data.bucket_report import REPORT_PLOT_NAME, format_report
+    from opensora_core.data.snapshot import open_snapshot
     from opensora_core.stages import build_buckets
 
     if ns.report:

@@ -73,7 +73,8 @@ def build_buckets(
     epoch: int = 0,
 ) -> Any:
     """Assign every sample of `meta` to its bucket with Ray Data; write a snapshot under `root`."""
-    from opensora_core.data.snapshot import bucket_config_hash, build_snapshot
+    from opensora_core.data.bucket_build import build_snapshot
+    from opensora_core.data.manifest import bucket_config_hash
 
     if cfg.bucket_config is None:
         raise ConfigError("bucket_config: required to build bucket snapshots")
@@ -98,7 +99,8 @@ def check_buckets(
     epoch: int = 0,
 ) -> Any:
     """Whether the current snapshot under `root` still matches `meta` and the bucket settings (a SnapshotCheck)."""
-    from opensora_core.data.snapshot import bucket_config_hash, check_snapshot
+    from opensora_core.data.manifest import bucket_config_hash
+    from opensora_core.data.snapshot_check import check_snapshot
 
     if cfg.bucket_config is None:
         raise ConfigError("bucket_config: required to build bucket snapshots")

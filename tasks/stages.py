@@ -57,7 +57,8 @@ def build_buckets(
     config: str, overrides: dict | None, cfg_options: list[str] | None, meta: str, parent_run_id: str | None
 ) -> str:
     """Bucket-assign the metadata with Ray Data into a new snapshot; returns the snapshot directory."""
-    from opensora_core.data.snapshot import format_report
+    from opensora_core.data.bucket_report import REPORT_PLOT_NAME, format_report
+    from opensora_core.data.manifest import MANIFEST_NAME
 
     logger = get_run_logger()
     cfg = stage_config(config, overrides, cfg_options)
@@ -77,13 +78,13 @@ def build_buckets(
                 },
                 step=manifest.epoch,
             )
+            # Logged without the snapshot's leading underscores, which only keep them out of Parquet
+            # readers; a copy, also because the snapshot may sit on shared storage (a URI).
             with tempfile.TemporaryDirectory() as local:
-                for name in ("manifest.json", "report.png"):
-                    path = info.path / name
-                    if not isinstance(path, Path):  # on shared storage (a URI): log a local copy
-                        (Path(local) / name).write_bytes(path.read_bytes())
-                        path = Path(local) / name
-                    tracking.log_artifact(run_id, path, artifact_path="buckets")
+                for name, logged_as in ((MANIFEST_NAME, "manifest.json"), (REPORT_PLOT_NAME, "report.png")):
+                    copy = Path(local) / logged_as
+                    copy.write_bytes((info.path / name).read_bytes())
+                    tracking.log_artifact(run_id, copy, artifact_path="buckets")
         if parent_run_id:
             tracking.set_tags(parent_run_id, {"bucket_snapshot": manifest.snapshot_id})
     return str(info.path)

@@ -271,7 +271,7 @@ def skip_run(ray_env, tmp_path_factory):
     scan; returns the result and the run's samples_skipped history as (step, value)."""
     import mlflow
 
-    from opensora_core.data.snapshot import build_snapshot
+    from opensora_core.data.bucket_build import build_snapshot
     from opensora_core.models.pretrained import create_tiny_pretrained
     from opensora_core.train import train
 

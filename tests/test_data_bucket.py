@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from opensora_core.data.aspect import NUM_PIXELS, RATIO_TABLES, RESOLUTIONS
-from opensora_core.data.bucket import BucketConfig, BucketKey, assign_buckets
+from opensora_core.data.bucket import BucketConfig, BucketKey, assign_buckets, bucket_of_sample, sample_draws
 from opensora_core.errors import ConfigError
 
 
@@ -253,6 +253,95 @@ def test_vectorised_assignment_matches_reference_rows():
             )
 
 
+# --- the per-sample rule (bucket_of_sample) against the vectorised one, draws included ----------
+
+# configs/opensora-v1-2/train/stage3.py's bucket_config: fractional keep_probs and t_probs at every size
+STAGE3 = {
+    "144p": {1: (1.0, 475), 51: (1.0, 51), 102: (1.0, 27), 204: (1.0, 13), 408: (1.0, 6)},
+    "256": {1: (1.0, 297), 51: (0.5, 20), 102: (0.5, 10), 204: (0.5, 5), 408: ((0.5, 0.5), 2)},
+    "240p": {1: (1.0, 297), 51: (0.5, 20), 102: (0.5, 10), 204: (0.5, 5), 408: ((0.5, 0.4), 2)},
+    "360p": {1: (1.0, 141), 51: (0.5, 8), 102: (0.5, 4), 204: (0.5, 2), 408: ((0.5, 0.3), 1)},
+    "512": {1: (1.0, 141), 51: (0.5, 8), 102: (0.5, 4), 204: (0.5, 2), 408: ((0.5, 0.2), 1)},
+    "480p": {1: (1.0, 89), 51: (0.5, 5), 102: (0.5, 3), 204: ((0.5, 0.5), 1), 408: (0.0, None)},
+    "720p": {1: (0.3, 36), 51: (0.2, 2), 102: (0.1, 1), 204: (0.0, None)},
+    "1024": {1: (0.3, 36), 51: (0.1, 2), 102: (0.1, 1), 204: (0.0, None)},
+    "1080p": {1: (0.1, 5)},
+    "2048": {1: (0.05, 5)},
+}
+SMALL = {
+    "240p": {1: (0.5, 8), 16: (1.0, 4), 51: ((0.5, 0.5), 2), 102: (0.0, None)},
+    "144p": {1: (1.0, 16), 16: (0.5, 8)},
+}
+EQUAL_PIXELS = {  # 2880 and 4k have equal pixel counts: tried in table order
+    "4k": {1: (0.5, 1), 16: ((0.6, 0.5), 1)},
+    "2880": {1: (0.5, 1), 16: ((0.7, 0.5), 1), 4: (0.4, 1)},
+    "144p": {1: (1.0, 8), 2: (0.8, 8)},
+}
+
+
+def fractional_config(rng):
+    """A random bucket_config whose keep_probs and t_probs are anywhere in [0, 1]."""
+    cfg = {}
+    for name in rng.choice(RESOLUTIONS, size=rng.integers(1, 7), replace=False):
+        entries = {}
+        for frames in rng.choice([1, 2, 4, 16, 32, 51, 64, 102, 204], size=rng.integers(1, 6), replace=False):
+            keep = float(rng.choice([0.0, 1.0, rng.random()]))
+            probs = (keep, float(rng.choice([0.0, 1.0, rng.random()]))) if rng.random() < 0.4 else keep
+            entries[int(frames)] = (probs, int(rng.integers(1, 64)) if keep else None)
+        cfg[str(name)] = entries
+    cfg[next(iter(cfg))][1] = (1.0, 8)  # something is always kept
+    return cfg
+
+
+def samples_near_every_threshold(rng, cfg, frame_interval, n):
+    """(frames, height, width): random sizes, plus sizes right at 80 % of each resolution's pixels and
+    frame counts right at t x frame_interval, where the rule's comparisons decide."""
+    is_image = rng.random(n) < 0.3
+    frames = np.where(is_image, 1, rng.integers(0, 900, n))
+    height, width = rng.integers(1, 4400, n), rng.integers(1, 4400, n)
+    lengths = [e.num_frames * frame_interval for rb in cfg.resolutions for e in rb.videos]
+    edge = rng.random(n) < 0.4
+    if lengths:
+        frames[edge] = rng.choice(lengths, int(edge.sum())) + rng.integers(0, 2, int(edge.sum()))
+    for i in np.flatnonzero(rng.random(n) < 0.3):  # H x W exactly 4/5 of a resolution's pixels, or one less
+        pixels = NUM_PIXELS[rng.choice([rb.resolution for rb in cfg.resolutions])]
+        area = -(-4 * pixels // 5) - int(rng.integers(0, 2))
+        divisors = [d for d in range(16, 4400) if area % d == 0] or [1]
+        height[i] = rng.choice(divisors)
+        width[i] = area // height[i]
+    return frames, height, width
+
+
+@pytest.mark.parametrize("config", ["stage3", "small", "equal_pixels", "random"])
+def test_vectorised_assignment_follows_the_per_sample_rule_and_its_draws(config):
+    rng = np.random.default_rng(["stage3", "small", "equal_pixels", "random"].index(config))
+    cfgs = {"stage3": [STAGE3], "small": [SMALL], "equal_pixels": [EQUAL_PIXELS]}.get(config)
+    n = 1500
+    for trial, cfg_dict in enumerate(cfgs or [fractional_config(rng) for _ in range(3)]):
+        cfg = BucketConfig.from_dict(cfg_dict)
+        frame_interval = int(rng.integers(1, 4))
+        frames, height, width = samples_near_every_threshold(rng, cfg, frame_interval, n)
+        keys = [f"/data/{config}/{trial}/clip_{i:05d}.mp4" for i in range(n)]
+        seed, epoch = int(rng.integers(0, 2**40)), int(rng.integers(0, 100))
+        a = assign_buckets(frames, height, width, keys, cfg, frame_interval, seed, epoch)
+        for i in range(n):
+            draw = sample_draws(keys[i], seed, epoch)
+            want = bucket_of_sample(int(frames[i]), int(height[i]), int(width[i]), cfg, frame_interval, draw)
+            assert a.key(i) == want, (keys[i], int(frames[i]), int(height[i]), int(width[i]))
+            if want is not None:
+                assert (int(a.height[i]), int(a.width[i])) == want.size
+        assert 0 < int(a.kept.sum()) < n
+
+
+def test_per_sample_rule_reads_the_spec_on_one_clip():
+    cfg = BucketConfig.from_dict({"480p": {16: (1.0, 4)}, "240p": {51: (1.0, 2), 16: (1.0, 8)}})
+    never = lambda resolution, t, purpose: 0.99  # noqa: E731  every draw high: only probability 1 keeps
+    # 40 frames of 240x426: too few pixels for 480p, too short for 51 (40 <= 51), long enough for 16
+    assert bucket_of_sample(40, 240, 426, cfg, 1, never) == BucketKey.from_names("240p", 16, "0.56")
+    assert bucket_of_sample(16, 240, 426, cfg, 1, never) is None  # 16 frames are not more than 16
+    assert bucket_of_sample(1, 240, 426, cfg, 1, never) is None  # no `1` entry anywhere
+
+
 # --- randomness ---------------------------------------------------------------------------------
 
 
@@ -325,8 +414,8 @@ def test_assignment_is_the_same_whatever_the_chunking():
 def test_key_hashes_depend_only_on_each_key(monkeypatch):
     import pyarrow as pa
 
-    from opensora_core.data import bucket as bucket_module
-    from opensora_core.data.bucket import key_hashes
+    from opensora_core.data import stable_hash
+    from opensora_core.data.stable_hash import key_hashes
 
     keys = ["", "a", "/data/clip_0001.mp4", "/données/é.mp4", "x" * 300, "a\x00"]
     whole = key_hashes(keys)
@@ -336,9 +425,9 @@ def test_key_hashes_depend_only_on_each_key(monkeypatch):
     assert (key_hashes(pa.array(keys).slice(2)) == whole[2:]).all()
     assert (key_hashes(keys[::-1]) == whole[::-1]).all()
     # hashing in chunks smaller than one key gives the same values
-    monkeypatch.setattr(bucket_module, "_HASH_CHUNK_BYTES", 7)
-    bucket_module._base_powers.cache_clear()
+    monkeypatch.setattr(stable_hash, "_HASH_CHUNK_BYTES", 7)
+    stable_hash._base_powers.cache_clear()
     try:
         assert (key_hashes(keys) == whole).all()
     finally:
-        bucket_module._base_powers.cache_clear()
+        stable_hash._base_powers.cache_clear()

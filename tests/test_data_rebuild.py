@@ -5,19 +5,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opensora_core.data import snapshot as snapshot_module
+from opensora_core.data import bucket_build
 from opensora_core.data.bucket import BucketConfig
-from opensora_core.data.bucket_plot import aspect_ratio_counts, bucket_count_grid
+from opensora_core.data.bucket_build import build_snapshot
+from opensora_core.data.bucket_report import REPORT_PLOT_NAME, aspect_ratio_counts, bucket_count_grid
+from opensora_core.data.fingerprint import read_metadata_fingerprint
+from opensora_core.data.manifest import MANIFEST_NAME, bucket_config_hash
 from opensora_core.data.sampler import BucketBatchSampler
-from opensora_core.data.snapshot import (
-    CURRENT_NAME,
-    REPORT_PLOT_NAME,
-    bucket_config_hash,
-    build_snapshot,
-    check_snapshot,
-    open_snapshot,
-    read_metadata_fingerprint,
-)
+from opensora_core.data.snapshot import CURRENT_NAME, open_snapshot
+from opensora_core.data.snapshot_check import check_snapshot
 from opensora_core.errors import ConfigError
 
 CFG = BucketConfig.from_dict({"240p": {1: (1.0, 4), 16: (1.0, 2)}, "144p": {1: (1.0, 8), 16: (1.0, 4)}})
@@ -45,9 +41,9 @@ def assign_without_ray(monkeypatch):
     """The build's Ray Data step is tested in test_data_snapshot; here it runs in-process."""
 
     def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):
-        return snapshot_module.bucket_indices(keys, cfg, frame_interval, seed, epoch)
+        return bucket_build.bucket_indices(keys, cfg, frame_interval, seed, epoch)
 
-    monkeypatch.setattr(snapshot_module, "_assign_in_ray", assign_locally)
+    monkeypatch.setattr(bucket_build, "_assign_in_ray", assign_locally)
 
 
 def build(meta_path, root, *, seed=5, epoch=0, cfg=CFG):
@@ -75,6 +71,18 @@ def test_unchanged_metadata_and_config_need_no_rebuild(built):
     assert check.is_current
     assert check.changes == ()
     assert check.current.snapshot_id == info.manifest.snapshot_id
+
+
+def test_a_current_snapshot_in_the_old_layout_needs_a_rebuild(built):
+    base, meta_path, info = built
+    (info.path / MANIFEST_NAME).rename(
+        info.path / "manifest.json"
+    )  # as builds before `_manifest.json` left it
+    check = check_snapshot(base / "buckets", meta_path, HASH, seed=5, epoch=0)
+    assert check.current is None
+    assert check.changes == (f"no current snapshot under {base / 'buckets'}",)
+    rebuilt = build(meta_path, base / "buckets")
+    assert open_snapshot(base / "buckets").path == rebuilt.path != info.path
 
 
 def test_row_order_does_not_count_as_a_change(built):

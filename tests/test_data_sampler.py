@@ -8,8 +8,10 @@ import pyarrow as pa
 import pytest
 
 from opensora_core.data.bucket import BucketConfig, assign_buckets
+from opensora_core.data.bucket_build import bucket_columns
+from opensora_core.data.manifest import Manifest, bucket_config_to_json
 from opensora_core.data.sampler import BucketBatchSampler
-from opensora_core.data.snapshot import Manifest, Snapshot, bucket_columns, bucket_config_to_json
+from opensora_core.data.snapshot import Snapshot
 from opensora_core.errors import ConfigError
 
 CFG = BucketConfig.from_dict(

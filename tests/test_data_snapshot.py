@@ -9,16 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opensora_core.data import snapshot as snapshot_module
+from opensora_core.data import bucket_build
 from opensora_core.data.bucket import BucketConfig, assign_buckets
-from opensora_core.data.snapshot import (
-    BUCKET_COLUMNS,
-    CURRENT_NAME,
-    bucket_config_hash,
-    build_snapshot,
-    format_report,
-    open_snapshot,
-)
+from opensora_core.data.bucket_build import build_snapshot
+from opensora_core.data.bucket_report import REPORT_PLOT_NAME, format_report
+from opensora_core.data.manifest import MANIFEST_NAME, bucket_config_hash
+from opensora_core.data.snapshot import BUCKET_COLUMNS, CURRENT_NAME, open_snapshot
 from opensora_core.errors import ConfigError
 
 ray = pytest.importorskip("ray")
@@ -113,21 +109,73 @@ def test_manifest_records_batch_sizes_and_batches(built):
 
 def test_manifest_round_trips_and_restores_bucket_config(built):
     _, _, info = built
-    text = (info.path / "manifest.json").read_text()
+    text = (info.path / MANIFEST_NAME).read_text()
     assert json.loads(text)["config_hash"] == bucket_config_hash(CFG, FRAME_INTERVAL)
     assert open_snapshot(info.path).manifest == info.manifest
     assert info.manifest.bucket_cfg() == CFG
 
 
-def test_shards_are_hive_partitioned_by_bucket(built):
+def test_shards_sit_in_one_folder_per_bucket_named_by_its_id(built):
     _, _, info = built
     b = info.manifest.buckets[0]
-    assert b.files == (
-        f"bucket_res={b.resolution}/bucket_frames={b.num_frames}/bucket_ar={b.aspect_ratio}/part-00000.parquet",
-    )
+    assert b.files == (f"{b.resolution}-{b.num_frames}-{b.aspect_ratio}/part-00000.parquet",)
     shard = pq.read_table(info.path / b.files[0])
     assert set(shard["bucket_ar"].to_pylist()) == {b.aspect_ratio}
     assert shard.num_rows == b.count
+    assert info.manifest.sitting_out_files == ("sitting_out/part-00000.parquet",)
+
+
+def test_side_files_start_with_an_underscore_so_parquet_readers_skip_them(built):
+    _, _, info = built
+    assert sorted(p.name for p in info.path.iterdir() if p.is_file()) == sorted(
+        [MANIFEST_NAME, REPORT_PLOT_NAME]
+    )
+    assert MANIFEST_NAME.startswith("_") and REPORT_PLOT_NAME.startswith("_")
+
+
+def test_pandas_reads_a_snapshot_directory_as_one_parquet_dataset(built):
+    import pandas as pd
+
+    _, meta, info = built
+    frame = pd.read_parquet(info.path)
+    assert len(frame) == meta.num_rows == 600
+    assert list(frame.columns) == meta.column_names + list(BUCKET_COLUMNS)
+    assert sorted(frame["path"]) == sorted(meta["path"].to_pylist())
+    assert int(frame["bucket_res"].notna().sum()) == info.manifest.num_kept
+
+
+def test_pyarrow_dataset_reads_a_snapshot_directory_with_or_without_hive_discovery(built):
+    import pyarrow.dataset as pads
+
+    _, meta, info = built
+    expected = open_snapshot(info.path).full_table().sort_by("path")
+    for partitioning in (None, "hive"):  # Ray Data's read_parquet discovers hive folders
+        dataset = pads.dataset(info.path, format="parquet", partitioning=partitioning)
+        assert dataset.schema.names == meta.column_names + list(BUCKET_COLUMNS)
+        assert dataset.count_rows() == 600
+        assert dataset.to_table().sort_by("path").equals(expected)
+
+
+def old_layout_copy(info, tmp_path):
+    """The snapshot as builds before the side files were renamed wrote it (`manifest.json` beside the shards)."""
+    root = tmp_path / "old"
+    old = root / info.path.name
+    shutil.copytree(info.path, old)
+    (old / MANIFEST_NAME).rename(old / "manifest.json")
+    (root / CURRENT_NAME).write_text(old.name + "\n")
+    return root, old
+
+
+def test_an_old_layout_snapshot_is_refused_in_one_line_saying_to_rebuild(built, tmp_path):
+    _, _, info = built
+    root, old = old_layout_copy(info, tmp_path)
+    for target in (old, root):
+        with pytest.raises(ConfigError) as raised:
+            open_snapshot(target)
+        assert str(raised.value) == (
+            f"bucket snapshot {str(old)!r} has the old layout (manifest.json among its shards); "
+            "build it again with `opensora bucket`"
+        )
 
 
 def test_table_keeps_metadata_columns_and_adds_bucket_columns(built):
@@ -196,10 +244,10 @@ def test_failed_build_keeps_current_and_leaves_no_temp_dir(built, monkeypatch):
         raise OSError("disk full")
 
     def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):
-        return snapshot_module.bucket_indices(keys, cfg, frame_interval, seed, epoch)
+        return bucket_build.bucket_indices(keys, cfg, frame_interval, seed, epoch)
 
-    monkeypatch.setattr(snapshot_module, "_assign_in_ray", assign_locally)  # the failure is in writing
-    monkeypatch.setattr(snapshot_module, "_write_parquet", broken)
+    monkeypatch.setattr(bucket_build, "_assign_in_ray", assign_locally)  # the failure is in writing
+    monkeypatch.setattr(bucket_build, "_write_parquet", broken)
     with pytest.raises(OSError, match="disk full"):
         build_snapshot(
             base / "meta.parquet", root, CFG, FRAME_INTERVAL, 7, 1, config_hash="x", progress=False

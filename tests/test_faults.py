@@ -38,9 +38,11 @@ from test_train_checkpoint import train as train_steps
 
 from opensora_core.cli import main as cli_main
 from opensora_core.config import load_config
-from opensora_core.data import snapshot as snapshot_module
+from opensora_core.data import bucket_build
+from opensora_core.data.manifest import MANIFEST_NAME
 from opensora_core.data.scan import scan
-from opensora_core.data.snapshot import CURRENT_NAME, MANIFEST_NAME, check_snapshot, open_snapshot
+from opensora_core.data.snapshot import CURRENT_NAME, open_snapshot
+from opensora_core.data.snapshot_check import check_snapshot
 from opensora_core.errors import CheckpointError, StorageError
 from opensora_core.models.pretrained import create_tiny_pretrained
 from opensora_core.stages import build_buckets
@@ -106,9 +108,9 @@ def build_without_ray(monkeypatch):
     """In-process builds assign buckets here; the killed CLI build below runs Ray Data for real."""
 
     def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):
-        return snapshot_module.bucket_indices(keys, cfg, frame_interval, seed, epoch)
+        return bucket_build.bucket_indices(keys, cfg, frame_interval, seed, epoch)
 
-    monkeypatch.setattr(snapshot_module, "_assign_in_ray", assign_locally)
+    monkeypatch.setattr(bucket_build, "_assign_in_ray", assign_locally)
 
 
 # --- launching a command in its own process group, and making sure nothing of it survives ---------

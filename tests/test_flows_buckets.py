@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from opensora_core.data import snapshot as snapshot_module
+from opensora_core.data import bucket_build
 from opensora_core.data.snapshot import CURRENT_NAME, open_snapshot
 
 pytest.importorskip("prefect")
@@ -32,9 +32,9 @@ def local_runs(prefect_api, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     def assign_locally(keys, cfg, frame_interval, seed, epoch, *args):
-        return snapshot_module.bucket_indices(keys, cfg, frame_interval, seed, epoch)
+        return bucket_build.bucket_indices(keys, cfg, frame_interval, seed, epoch)
 
-    monkeypatch.setattr(snapshot_module, "_assign_in_ray", assign_locally)
+    monkeypatch.setattr(bucket_build, "_assign_in_ray", assign_locally)
 
 
 def metadata(n=40, mtime=1):

@@ -15,14 +15,11 @@ from test_train_checkpoint import train as train_steps
 
 from opensora_core import storage
 from opensora_core.cli import main as cli_main
-from opensora_core.data import snapshot as snapshot_module
-from opensora_core.data.snapshot import (
-    CURRENT_NAME,
-    MANIFEST_NAME,
-    bucket_config_hash,
-    build_snapshot,
-    open_snapshot,
-)
+from opensora_core.data import publish
+from opensora_core.data.bucket_build import build_snapshot
+from opensora_core.data.bucket_report import REPORT_PLOT_NAME
+from opensora_core.data.manifest import MANIFEST_NAME, bucket_config_hash
+from opensora_core.data.snapshot import CURRENT_NAME, open_snapshot
 from opensora_core.errors import CheckpointError, ConfigError
 from opensora_core.storage import Location
 from opensora_core.train.checkpoint import (
@@ -90,6 +87,24 @@ def test_snapshot_built_to_a_file_uri_reads_back_the_same_rows_as_a_local_build(
     assert list((tmp_path / "staging").iterdir()) == []  # the local staging copy is gone
 
 
+def test_a_snapshot_at_a_file_uri_opens_as_a_plain_parquet_dataset(local_ray, meta, tmp_path):
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    uri = f"file://{tmp_path}/shared/buckets"
+    info = build(meta, uri)
+    expected = open_snapshot(uri).full_table()
+    snapshot_uri = str(info.path)
+    assert snapshot_uri.startswith("file://")
+
+    frame = pd.read_parquet(snapshot_uri)
+    assert len(frame) == info.manifest.num_samples == 200
+    assert list(frame.columns) == expected.column_names
+    dataset = pads.dataset(snapshot_uri, format="parquet")
+    assert dataset.count_rows() == 200
+    assert dataset.to_table().sort_by("path").equals(expected.sort_by("path"))
+
+
 def test_snapshot_on_an_in_memory_object_store_is_built_switched_and_read(local_ray, meta):
     root = in_memory_store()
     first = build(meta, root)
@@ -112,7 +127,7 @@ def test_an_upload_that_dies_leaves_current_on_the_previous_snapshot(local_ray, 
     def connection_lost(source, dest):
         raise OSError("connection reset by peer")
 
-    monkeypatch.setattr(snapshot_module, "upload_file", connection_lost)  # manifest.json goes up last
+    monkeypatch.setattr(publish, "upload_file", connection_lost)  # the manifest goes up last
     with pytest.raises(OSError, match="connection reset"):
         build(meta, uri, epoch=1)
 
@@ -131,7 +146,7 @@ def test_opensora_bucket_writes_and_reports_a_snapshot_at_a_uri(local_ray, meta,
     assert cli_main(["bucket", "--output", uri, "--report"]) == 0
     report = capsys.readouterr().out
     assert report.startswith(f"snapshot {snapshot_id}")
-    assert f"plot: {uri}/{snapshot_id}/report.png" in report
+    assert f"plot: {uri}/{snapshot_id}/{REPORT_PLOT_NAME}" in report
 
 
 def test_a_uri_pyarrow_cannot_open_is_a_config_error_naming_it():
@@ -140,7 +155,7 @@ def test_a_uri_pyarrow_cannot_open_is_a_config_error_naming_it():
 
 
 def test_a_uri_with_no_snapshot_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="no manifest.json or CURRENT there"):
+    with pytest.raises(ConfigError, match="no _manifest.json or CURRENT there"):
         open_snapshot(f"file://{tmp_path}/empty")
 
 

@@ -1,22 +1,75 @@
 """Bucket configs and the rules that sort samples into (resolution, num_frames, aspect ratio) buckets.
 
-`assign_buckets` implements spec/buckets.md for whole columns at once. Its random draws are a pure
-function of (seed, epoch, sample key, resolution, num_frames), so any chunking gives the same result.
+`bucket_of_sample` states the rule of spec/buckets.md for one sample; `assign_buckets` applies the same
+rule to whole columns at once. Its random draws are a pure function of (seed, epoch, sample key,
+resolution, num_frames), so any chunking gives the same result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
+from fractions import Fraction
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from opensora_core.data.aspect import NUM_PIXELS, RATIO_TABLES, RESOLUTIONS, check_resolution
+from opensora_core.data.stable_hash import key_hashes, splitmix64
 from opensora_core.errors import ConfigError
+
+# --- the rule, one sample at a time ----------------------------------------------------------------
+
+KEEP_DRAW = 1  # the keep_prob draw of a (resolution, t) bucket
+T_DRAW = 2  # the t_prob draw of a (resolution, t) entry
+OPEN_SHARE = Fraction(4, 5)  # a resolution is open to samples with at least this share of its pixels
+
+# draw(resolution, t, purpose) -> the sample's uniform number in [0, 1) for that choice
+Draw = Callable[[str, int, int], float]
+
+
+def bucket_of_sample(
+    num_frames: int, height: int, width: int, cfg: BucketConfig, frame_interval: int, draw: Draw
+) -> BucketKey | None:
+    """The bucket of one sample (T frames, T = 1 an image), step by step as spec/buckets.md states it.
+
+    Returns None when no resolution keeps the sample this epoch. `sample_draws` gives the draws
+    `assign_buckets` makes, so both sort every sample alike.
+    """
+    for rb in cfg.resolutions:  # 1. most pixels first, ties in table order
+        if height * width < OPEN_SHARE * rb.num_pixels:  # 2. too few pixels for this resolution
+            continue
+        if num_frames == 1:  # 3. an image: its `1` entry, kept with that entry's keep_prob
+            entry = rb.image
+        else:  # 4. a video: the longest t it has more than t x frame_interval frames for
+            entry = next(
+                (
+                    e
+                    for e in rb.videos  # largest first
+                    if num_frames > e.num_frames * frame_interval
+                    and (e.t_prob >= 1.0 or draw(rb.resolution, e.num_frames, T_DRAW) < e.t_prob)
+                ),
+                None,
+            )
+        if entry is None or not draw(rb.resolution, entry.num_frames, KEEP_DRAW) < entry.keep_prob:
+            continue  # no t, or not kept: next resolution
+        # 6. the ratio key closest to H / W (ties: the earlier key)
+        ratio = min(RATIO_TABLES[rb.resolution], key=lambda key: abs(float(key) - height / width))
+        return BucketKey.from_names(rb.resolution, entry.num_frames, ratio)
+    return None  # 5. sits out this epoch
+
+
+def sample_draws(sample_key: str, seed: int, epoch: int) -> Draw:
+    """The draws of one sample (keyed by its path) for (seed, epoch), as `assign_buckets` makes them."""
+    stream = sample_streams([sample_key], seed, epoch)
+
+    def draw(resolution: str, t: int, purpose: int) -> float:
+        return float(_uniform(stream, RESOLUTIONS.index(resolution), t, purpose)[0])
+
+    return draw
+
 
 _ROOT_KEY = "bucket_config"
 
@@ -287,88 +340,6 @@ _RATIO_SIZES = np.array([size for r in RESOLUTIONS for size in RATIO_TABLES[r].v
 # --- deterministic draws -------------------------------------------------------------------------
 
 _MASK64 = (1 << 64) - 1
-_KEEP_DRAW = 1  # the keep_prob draw of a (resolution, t) bucket
-_T_DRAW = 2  # the t_prob draw of a (resolution, t) entry
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):  # 0-d arrays warn on the intended wrap-around
-        x = x ^ (x >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> np.uint64(27))
-        x = x * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-# Polynomial string hash mod 2^64 with an odd base, so the base is invertible and each string's hash
-# can be read off one running sum over a whole buffer of strings (see key_hashes).
-_BASE = 0x100000001B3
-_BASE_INV = pow(_BASE, -1, 1 << 64)
-_HASH_CHUNK_BYTES = 1 << 16  # bytes hashed per numpy pass: small enough to stay in cache
-
-
-@cache
-def _base_powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(BASE^i, BASE^-i) for i < n, wrapping mod 2^64."""
-    up = np.full(n, _BASE, dtype=np.uint64)
-    down = np.full(n, _BASE_INV, dtype=np.uint64)
-    up[0] = down[0] = 1
-    return np.cumprod(up), np.cumprod(down)
-
-
-def key_hashes(sample_keys: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A uint64 per key, from its UTF-8 bytes alone (so any chunking or row order gives the same values).
-
-    Vectorised over the Arrow string buffer: h(s) = sum_i (s_i + 1) * BASE^i, computed for all strings at
-    once as differences of one cumulative sum of (byte + 1) * BASE^pos, rescaled by BASE^-start; the length
-    is mixed in so that strings differing only by trailing NUL bytes still differ.
-    """
-    arr = sample_keys if isinstance(sample_keys, pa.Array | pa.ChunkedArray) else pa.array(sample_keys)
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_null(arr.type):  # an empty list
-        arr = arr.cast(pa.string())
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = pc.cast(arr, pa.string())
-    n = len(arr)
-    out = np.empty(n, dtype=np.uint64)
-    if n == 0:
-        return out
-    offset_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32  # read in place, no copy
-    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type)[arr.offset : arr.offset + n + 1]
-    offsets = offsets.astype(np.int64)
-    data_buffer = arr.buffers()[2]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
-    up, down = _base_powers(_HASH_CHUNK_BYTES + 1)  # a key may start right at the end of a chunk
-    lo = 0
-    with np.errstate(over="ignore"):
-        while lo < n:
-            # as many rows as fit in one chunk of bytes (at least one row; a longer key is split below)
-            hi = int(np.searchsorted(offsets, offsets[lo] + _HASH_CHUNK_BYTES, side="right")) - 1
-            hi = min(max(hi, lo + 1), n)
-            b0, b1 = int(offsets[lo]), int(offsets[hi])
-            starts = offsets[lo:hi] - b0
-            ends = offsets[lo + 1 : hi + 1] - b0
-            if b1 - b0 <= _HASH_CHUNK_BYTES:
-                weighted = (data[b0:b1].astype(np.uint64) + np.uint64(1)) * up[: b1 - b0]
-                running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(weighted, dtype=np.uint64)])
-                sums = (running[ends] - running[starts]) * down[starts]
-            else:  # one key longer than a chunk
-                sums = np.array([_long_key_hash(data[b0:b1], up)], dtype=np.uint64)
-            out[lo:hi] = sums ^ (splitmix64((ends - starts).astype(np.uint64)))
-            lo = hi
-    return out
-
-
-def _long_key_hash(data: np.ndarray, up: np.ndarray) -> np.uint64:
-    total, power = np.uint64(0), np.uint64(1)
-    step = np.uint64(pow(_BASE, len(up), 1 << 64))
-    for start in range(0, len(data), len(up)):
-        part = data[start : start + len(up)].astype(np.uint64) + np.uint64(1)
-        total += np.sum(part * up[: len(part)], dtype=np.uint64) * power
-        power *= step
-    return total
 
 
 def sample_streams(
@@ -434,7 +405,7 @@ def assign_buckets(
 
         if rb.image is not None:
             rows = np.flatnonzero(open_rows & is_image)
-            keep = _uniform(streams[rows], r, 1, _KEEP_DRAW) < rb.image.keep_prob
+            keep = _uniform(streams[rows], r, 1, KEEP_DRAW) < rb.image.keep_prob
             kept_rows.append(rows[keep])
             kept_t.append(np.ones(int(keep.sum()), dtype=np.int32))
 
@@ -445,12 +416,12 @@ def assign_buckets(
             for entry in rb.videos:  # largest first: the first long-enough entry wins
                 fits = (chosen < 0) & (frames[rows] > entry.num_frames * frame_interval)
                 if entry.t_prob < 1.0:
-                    fits &= _uniform(streams[rows], r, entry.num_frames, _T_DRAW) < entry.t_prob
+                    fits &= _uniform(streams[rows], r, entry.num_frames, T_DRAW) < entry.t_prob
                 chosen[fits] = entry.num_frames
                 keep_prob[fits] = entry.keep_prob
             has_t = chosen > 0
             keep = np.zeros(len(rows), dtype=bool)
-            keep[has_t] = _uniform(streams[rows[has_t]], r, chosen[has_t], _KEEP_DRAW) < keep_prob[has_t]
+            keep[has_t] = _uniform(streams[rows[has_t]], r, chosen[has_t], KEEP_DRAW) < keep_prob[has_t]
             kept_rows.append(rows[keep])
             kept_t.append(chosen[keep].astype(np.int32))
 

@@ -1,17 +1,39 @@
-"""The bucket report as a picture: samples per (resolution, num_frames) and per aspect ratio."""
+"""The report of a bucket snapshot: a text table of its buckets, and a picture of samples per
+(resolution, num_frames) and per aspect ratio (`_report.png` in the snapshot)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from opensora_core.data.aspect import RESOLUTIONS
+from opensora_core.data.manifest import Manifest
 
-if TYPE_CHECKING:
-    from opensora_core.data.snapshot import Manifest
+# A leading underscore: Parquet readers skip the file when they open the snapshot.
+REPORT_PLOT_NAME = "_report.png"
+
+
+def format_report(manifest: Manifest) -> str:
+    """A plain-text table of samples and batches per bucket."""
+    header = ("resolution", "frames", "ratio", "size", "samples", "batch", "batches")
+    lines = [
+        (b.resolution, str(b.num_frames), b.aspect_ratio, f"{b.height}x{b.width}", str(b.count),
+         str(b.batch_size), str(b.num_batches))
+        for b in manifest.buckets
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [
+        f"snapshot {manifest.snapshot_id}  seed {manifest.seed}  epoch {manifest.epoch}  "
+        f"frame_interval {manifest.frame_interval}  config {manifest.config_hash}",
+        fmt.format(*header),
+        *(fmt.format(*row) for row in lines),
+        f"{manifest.num_kept} of {manifest.num_samples} samples kept in {len(manifest.buckets)} buckets "
+        f"({manifest.num_sitting_out} sit out this epoch), {manifest.num_batches} full batches",
+    ]
+    return "\n".join(out)
 
 
 def bucket_count_grid(manifest: Manifest) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
@@ -35,8 +57,9 @@ def aspect_ratio_counts(manifest: Manifest) -> dict[float, int]:
     return dict(sorted(counts.items()))
 
 
-def plot_bucket_report(manifest: Manifest, path: Path) -> Path:
-    """Write the report PNG to `path` (matplotlib, Agg backend; no display needed)."""
+def write_report_plot(manifest: Manifest, path: str | Path) -> Path:
+    """PNG of a snapshot at `path`: samples per (resolution, num_frames) heat map and an aspect-ratio
+    histogram (matplotlib's Agg backend; no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -71,6 +94,7 @@ def plot_bucket_report(manifest: Manifest, path: Path) -> Path:
     hist.set_ylabel("samples")
     hist.set_title("aspect-ratio histogram")
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, metadata={"Software": None})  # no version string: same bytes across installs
     return path
