@@ -17,7 +17,7 @@ from opensora_core.models.dit import DiT_XL_2, DiT_XL_2x2
 from opensora_core.models.fixed_size import sincos_table_1d, sincos_table_2d
 from opensora_core.models.latte import Latte_XL_2, Latte_XL_2x2
 from opensora_core.models.pixart import PixArt_Sigma_XL_2, PixArt_XL_2, PixArtMS_XL_2
-from opensora_core.models.registry import MODELS, build_model, count_parameters
+from opensora_core.models.registry import build_model, count_parameters, model_preset
 from opensora_core.models.stdit import STDiT_XL_2
 from opensora_core.schedulers import build_scheduler
 
@@ -96,7 +96,7 @@ def test_state_dict_layout_matches_released_checkpoints(name):
     kwargs = {k: v for k, v in entry["kwargs"].items() if k != "from_pretrained"}
     kwargs["input_size"] = tuple(kwargs["input_size"])
     with torch.device("meta"):
-        model = MODELS[name](**kwargs)
+        model = model_preset(name)(**kwargs)
     layout = [[key, list(t.shape)] for key, t in model.state_dict().items()]
     assert layout == [[key, shape] for key, shape, _ in entry["state_dict"]]
     assert sum(p.numel() for p in model.parameters()) == entry["num_params"]

@@ -459,9 +459,9 @@ def released(type_name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=str)
 def test_repository_config_builds_every_component(config: Path, tiny: TinyPretrained) -> None:
-    from opensora_core.models.registry import MODELS
+    from opensora_core.models.registry import model_preset
     from opensora_core.models.text_encoder import T5Encoder
-    from opensora_core.schedulers import SCHEDULERS, build_scheduler
+    from opensora_core.schedulers import build_scheduler, scheduler_class
 
     cfg = load_config(REPO / config)
     vae_options, local = cfg.vae.options, {"VideoAutoencoderKL": tiny.vae, "OpenSoraVAE_V1_2": tiny.vae_v1_2}
@@ -475,7 +475,7 @@ def test_repository_config_builds_every_component(config: Path, tiny: TinyPretra
     text_encoder = build_text_encoder({**cfg.text_encoder.as_dict(), "from_pretrained": str(tiny.t5)})
     assert isinstance(text_encoder, T5Encoder)
     assert text_encoder.model_max_length == cfg.text_encoder.options["model_max_length"]
-    assert type(build_scheduler(cfg.scheduler.as_dict())) is SCHEDULERS[cfg.scheduler.type]
+    assert type(build_scheduler(cfg.scheduler.as_dict())) is scheduler_class(cfg.scheduler.type)
 
     published_t5 = "t5-v1_1-xxl" in cfg.text_encoder.from_pretrained
     model_cfg = {k: v for k, v in cfg.model.as_dict().items() if k != "from_pretrained"}
@@ -486,7 +486,7 @@ def test_repository_config_builds_every_component(config: Path, tiny: TinyPretra
             caption_channels=T5_XXL_DIM if published_t5 else text_encoder.output_dim,
             model_max_length=text_encoder.model_max_length,
         )
-    assert type(model) is MODELS[cfg.model.type].func
+    assert type(model) is model_preset(cfg.model.type).func
     if published_t5 and "hidden_size" not in model_cfg:  # the published model: the released layout
         entry = released(cfg.model.type)
         layout = [[key, list(t.shape)] for key, t in model.state_dict().items()]

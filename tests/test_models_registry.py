@@ -67,24 +67,33 @@ def test_open_sora_only_keys_are_accepted():
 
 
 def test_every_type_an_open_sora_config_may_name_is_built():
+    from functools import partial
+
     from opensora_core.models.registry import (
         MODEL_TYPES,
         MODELS,
         TEXT_ENCODER_OPTIONS,
         TEXT_ENCODER_TYPES,
+        TEXT_ENCODERS,
         VAE_OPTIONS,
         VAE_TYPES,
+        VAES,
     )
+    from opensora_core.registry import resolve
     from opensora_core.schedulers import SCHEDULER_TYPES, SCHEDULERS
 
     assert set(MODELS) == set(MODEL_TYPES)
     assert set(VAE_OPTIONS) == set(VAE_TYPES)
     assert set(TEXT_ENCODER_OPTIONS) == set(TEXT_ENCODER_TYPES)
     assert set(SCHEDULERS) == set(SCHEDULER_TYPES)
+    # every entry names an object that exists: a preset for each model, a class or builder for the rest
+    assert all(isinstance(resolve(target), partial) for target in MODELS.values())
+    for registry in (VAES, TEXT_ENCODERS, SCHEDULERS):
+        assert all(callable(resolve(target)) for target in registry.values())
 
 
 def test_unknown_model_type_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"model.type='STDiT4' is not a known type; valid: STDiT-XL/2, "):
+    with pytest.raises(ConfigError, match=r"model.type='STDiT4' is unknown; valid types: STDiT-XL/2, "):
         build_model({"type": "STDiT4"}, **SIZES)
 
 
@@ -142,7 +151,7 @@ def test_count_parameters_matches_the_released_model_size():
 
 
 def test_count_parameters_of_unknown_type_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.type='STDiT4' is not a known type"):
+    with pytest.raises(ConfigError, match="model.type='STDiT4' is unknown; valid types"):
         count_parameters("STDiT4")
 
 
@@ -156,7 +165,7 @@ def test_vae_options_are_checked_per_type():
 
 
 def test_unknown_text_encoder_type_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"text_encoder.type='bert' is not a known type; valid: t5, clip"):
+    with pytest.raises(ConfigError, match=r"text_encoder.type='bert' is unknown; valid types: t5, clip"):
         build_text_encoder({"type": "bert", "from_pretrained": "x"})
 
 

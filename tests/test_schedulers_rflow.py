@@ -250,7 +250,7 @@ def test_every_scheduler_type_builds_with_its_defaults():
 
 def test_unknown_scheduler_type_lists_valid_names():
     with pytest.raises(
-        ConfigError, match=r"scheduler.type='ddim' is not a known type; valid: iddpm, iddpm-speed"
+        ConfigError, match=r"scheduler.type='ddim' is unknown; valid types: iddpm, iddpm-speed"
     ):
         build_scheduler({"type": "ddim"})
 

@@ -2,6 +2,7 @@
 
 The raw MMEngine `Config` stays the source of truth (stages pass component dicts such as
 `cfg.model` to their builders); these dataclasses validate it and give the stages typed access.
+Each section is checked by its own component against its own registry; none of them imports torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any, Literal
 from mmengine.config import Config, ConfigDict
 
 from opensora_core.config.credentials import check_no_credentials
+from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_image_size, get_num_frames
+from opensora_core.data.bucket import BucketConfig
 from opensora_core.errors import ConfigError
+from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES, model_num_heads
+from opensora_core.parallel.deepspeed_config import check_plugin
+from opensora_core.parallel.layout import check_heads_divisible, check_sp_size
+from opensora_core.registry import check_type
+from opensora_core.schedulers import SCHEDULER_TYPES, check_scheduler_type
+from opensora_core.train.mask_ratios import check_mask_ratios
 
 DTYPES = ("fp32", "fp16", "bf16")
 # The VAEs downsample 8x and the models cut latents into 2x2 patches: a side under 16 pixels gives no patch.
@@ -96,7 +105,7 @@ class ValidatedConfig:
     text_encoder: ComponentSpec | None
     scheduler: ComponentSpec
     dataset: ComponentSpec | None = None
-    bucket_config: Any = None  # opensora_core.data.bucket.BucketConfig
+    bucket_config: BucketConfig | None = None
     training: TrainingSettings | None = None
     sampling: SamplingSettings | None = None
 
@@ -108,9 +117,6 @@ def detect_mode(cfg: Config) -> Mode:
 
 def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<config>") -> ValidatedConfig:
     """Check every key a stage will use; raise ConfigError naming the first bad key."""
-    from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES
-    from opensora_core.schedulers import SAMPLING_ONLY_SCHEDULERS, SCHEDULER_TYPES
-
     check_no_credentials(cfg)
     mode = mode or detect_mode(cfg)
     model = _component(cfg, "model", MODEL_TYPES, required=True)
@@ -120,16 +126,13 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
     dtype = _choice(cfg, "dtype", DTYPES, default="bf16")
 
     if mode == "train":
-        if scheduler.type in SAMPLING_ONLY_SCHEDULERS:
-            raise ConfigError(
-                f"scheduler.type={scheduler.type!r} only samples; a training config needs one of "
-                f"{', '.join(t for t in SCHEDULER_TYPES if t not in SAMPLING_ONLY_SCHEDULERS)}"
-            )
+        check_scheduler_type(scheduler.type, training=True)
         dataset = _component(cfg, "dataset", DATASET_TYPES, required=True)
         bucket_config = _bucket_config(cfg, dataset)
-        _mask_ratios(cfg)
+        if cfg.get("mask_ratios") is not None:
+            check_mask_ratios(_plain(cfg.mask_ratios))
         _image_size(cfg, "eval_image_size")  # the evaluation after each checkpoint samples at this size
-        training = _training_settings(cfg, dtype)
+        training = _training_settings(cfg, dtype, model)
         return ValidatedConfig(
             path, mode, cfg, model, vae, text_encoder, scheduler, dataset, bucket_config, training=training
         )
@@ -148,17 +151,11 @@ def _component(cfg: Config, key: str, valid: tuple[str, ...], *, required: bool)
     if not isinstance(section, (dict, ConfigDict)):
         raise ConfigError(f"{key}: expected a dict(type=..., ...), got {type(section).__name__}")
     options = dict(section)
-    type_name = options.pop("type", None)
-    if type_name is None:
-        raise ConfigError(f"{key}.type: missing; valid types: {_fmt(valid)}")
-    if type_name not in valid:
-        raise ConfigError(f"{key}.type={type_name!r} is unknown; valid types: {_fmt(valid)}")
+    type_name = check_type(key, options.pop("type", None), valid)
     return ComponentSpec(key, type_name, options)
 
 
-def _bucket_config(cfg: Config, dataset: ComponentSpec) -> Any:
-    from opensora_core.data.bucket import BucketConfig
-
+def _bucket_config(cfg: Config, dataset: ComponentSpec) -> BucketConfig | None:
     raw = cfg.get("bucket_config")
     if dataset.type == "VariableVideoTextDataset":
         if raw is None:
@@ -173,27 +170,16 @@ def _bucket_config(cfg: Config, dataset: ComponentSpec) -> Any:
     return BucketConfig.from_dict(_plain(raw)) if raw is not None else None
 
 
-def _mask_ratios(cfg: Config) -> None:
-    ratios = cfg.get("mask_ratios")
-    if ratios is None:
-        return
-    from opensora_core.train.mask import MaskGenerator
-
-    MaskGenerator(_plain(ratios))  # raises ConfigError naming the bad mask_ratios key
-
-
-def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
-    from opensora_core.parallel.deepspeed_config import PLUGINS
-
+def _training_settings(cfg: Config, dtype: str, model: ComponentSpec) -> TrainingSettings:
     num_train_workers = _int(cfg, "num_train_workers", 2, minimum=1)
     sp_size = _int(cfg, "sp_size", 1, minimum=1)
-    if num_train_workers % sp_size:
-        raise ConfigError(
-            f"sp_size={sp_size} must divide num_train_workers={num_train_workers}; "
-            f"valid sp_size values: {[d for d in range(1, num_train_workers + 1) if num_train_workers % d == 0]}"
-        )
+    check_sp_size(sp_size, num_train_workers)
     if sp_size > 1:
-        _check_heads_for_sequence_parallel(cfg, sp_size)
+        # Ulysses gives each SP rank num_heads / sp_size heads; a preset's count is read only when unset
+        num_heads = model_num_heads(model.as_dict())
+        if num_heads is not None:
+            check_heads_divisible(num_heads, sp_size)
+    plugin = check_plugin(cfg.get("plugin") or "zero2", sp_size)
     return TrainingSettings(
         seed=_int(cfg, "seed", 1024),
         outputs=str(cfg.get("outputs", "outputs")),
@@ -209,7 +195,7 @@ def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
         weight_decay=_float(cfg, "weight_decay", 0.0, low=0.0),
         warmup_steps=_int(cfg, "warmup_steps", None, minimum=0),
         dtype=dtype,
-        plugin=_choice(cfg, "plugin", tuple(PLUGINS), default="zero2"),
+        plugin=plugin,
         sp_size=sp_size,
         grad_checkpoint=bool(cfg.get("grad_checkpoint", False)),
         num_workers=_int(cfg, "num_workers", 4, minimum=0),
@@ -221,22 +207,7 @@ def _training_settings(cfg: Config, dtype: str) -> TrainingSettings:
     )
 
 
-def _check_heads_for_sequence_parallel(cfg: Config, sp_size: int) -> None:
-    """Ulysses gives each SP rank num_heads / sp_size attention heads (the preset's when unset)."""
-    from opensora_core.models.registry import MODELS
-    from opensora_core.parallel.sequence import check_heads_divisible
-
-    model = cfg.get("model") or {}
-    preset = MODELS.get(model.get("type"))
-    keywords = getattr(preset, "keywords", None) or {}  # presets are functools.partial of the model class
-    num_heads = model.get("num_heads") or keywords.get("num_heads")
-    if num_heads is not None:
-        check_heads_divisible(int(num_heads), sp_size)
-
-
 def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:
-    from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_image_size, get_num_frames
-
     image_size = _image_size(cfg, "image_size")
     resolution = cfg.get("resolution")
     aspect_ratio = cfg.get("aspect_ratio")

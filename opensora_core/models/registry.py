@@ -1,57 +1,73 @@
-"""The config's `type` strings -> models, VAEs and text encoders, plus loading `from_pretrained` weights."""
+"""The config's `type` strings -> models, VAEs and text encoders, and the builders that make them.
+
+Each registry maps a name to "package.module:attribute" (see `opensora_core.registry`): naming and
+checking a type imports no torch; a builder imports the one module it builds from.
+"""
 
 from __future__ import annotations
 
 import inspect
-import json
-import logging
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from opensora_core.errors import ConfigError
+from opensora_core.models.weights import WEIGHT_FILES, load_model_weights, read_state_dict, weights_file
+from opensora_core.registry import check_type, resolve
 
-from opensora_core.errors import CheckpointError, ConfigError, first_line
-from opensora_core.models.dit import DIT_MODELS
-from opensora_core.models.latte import LATTE_MODELS
-from opensora_core.models.pixart import PIXART_MODELS
-from opensora_core.models.stdit import STDIT_MODELS
-from opensora_core.models.stdit2 import STDIT2_MODELS
-from opensora_core.models.stdit3 import STDIT3_MODELS
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "MODELS",
+    "MODEL_TYPES",
+    "TEXT_ENCODERS",
+    "TEXT_ENCODER_TYPES",
+    "VAES",
+    "VAE_TYPES",
+    "WEIGHT_FILES",
+    "build_model",
+    "build_text_encoder",
+    "build_vae",
+    "count_component_parameters",
+    "count_parameters",
+    "load_model_weights",
+    "model_num_heads",
+    "model_preset",
+    "read_state_dict",
+    "weights_file",
+]
 
-# Every name an Open-Sora config may use; only some are built here so far.
-MODEL_TYPES: tuple[str, ...] = (
-    "STDiT-XL/2",
-    "STDiT2-XL/2",
-    "STDiT3-XL/2",
-    "STDiT3-3B/2",
-    "DiT-XL/2",
-    "DiT-XL/2x2",
-    "Latte-XL/2",
-    "Latte-XL/2x2",
-    "PixArt-XL/2",
-    "PixArt-1B/2",
-    "PixArtMS-XL/2",
-    "PixArt-Sigma-XL/2",
-)
-VAE_TYPES: tuple[str, ...] = (
-    "VideoAutoencoderKL",
-    "OpenSoraVAE_V1_2",
-    "VAE_Temporal_SD",
-    "VideoAutoencoderPipeline",
-)
-TEXT_ENCODER_TYPES: tuple[str, ...] = ("t5", "clip")
-
-MODELS = {
-    **STDIT3_MODELS,
-    **STDIT2_MODELS,
-    **STDIT_MODELS,
-    **DIT_MODELS,
-    **LATTE_MODELS,
-    **PIXART_MODELS,
+# Every diffusion model an Open-Sora config may name -> its preset (a functools.partial in the model's file).
+MODELS: dict[str, str] = {
+    "STDiT-XL/2": "opensora_core.models.stdit:STDiT_XL_2",
+    "STDiT2-XL/2": "opensora_core.models.stdit2:STDiT2_XL_2",
+    "STDiT3-XL/2": "opensora_core.models.stdit3:STDiT3_XL_2",
+    "STDiT3-3B/2": "opensora_core.models.stdit3:STDiT3_3B_2",
+    "DiT-XL/2": "opensora_core.models.dit:DiT_XL_2",
+    "DiT-XL/2x2": "opensora_core.models.dit:DiT_XL_2x2",
+    "Latte-XL/2": "opensora_core.models.latte:Latte_XL_2",
+    "Latte-XL/2x2": "opensora_core.models.latte:Latte_XL_2x2",
+    "PixArt-XL/2": "opensora_core.models.pixart:PixArt_XL_2",
+    "PixArt-1B/2": "opensora_core.models.pixart:PixArt_1B_2",
+    "PixArtMS-XL/2": "opensora_core.models.pixart:PixArtMS_XL_2",
+    "PixArt-Sigma-XL/2": "opensora_core.models.pixart:PixArt_Sigma_XL_2",
 }
+MODEL_TYPES: tuple[str, ...] = tuple(MODELS)
+
+VAES: dict[str, str] = {
+    "VideoAutoencoderKL": "opensora_core.models.vae:VideoAutoencoderKL",
+    "OpenSoraVAE_V1_2": "opensora_core.models.vae_pipeline:OpenSoraVAE_V1_2",
+    "VAE_Temporal_SD": "opensora_core.models.vae_temporal:VAE_Temporal_SD",
+    "VideoAutoencoderPipeline": "opensora_core.models.vae_pipeline:build_pipeline",  # (vae_2d, vae_temporal)
+}
+VAE_TYPES: tuple[str, ...] = tuple(VAES)
+
+TEXT_ENCODERS: dict[str, str] = {
+    "t5": "opensora_core.models.text_encoder:T5Encoder",
+    "clip": "opensora_core.models.text_encoder:ClipEncoder",
+}
+TEXT_ENCODER_TYPES: tuple[str, ...] = tuple(TEXT_ENCODERS)
 
 # Each VAE / text encoder type's config keys besides `type` (Open-Sora's constructor arguments).
 VAE_OPTIONS: dict[str, frozenset[str]] = {
@@ -134,14 +150,23 @@ MODEL_OPTIONS = frozenset(
 # Set by the pipeline from the VAE / text encoder; a config may repeat them only with the same value.
 DERIVED_MODEL_OPTIONS = ("in_channels", "caption_channels", "model_max_length")
 
-WEIGHT_FILES = ("ema.safetensors", "model.safetensors", "model.safetensors.index.json", "ema.pt", "model.pt")
+
+def model_preset(type_name: str) -> Callable[..., nn.Module]:
+    """The preset `type_name` names (imports its model module, and so torch)."""
+    return resolve(MODELS[check_type("model", type_name, MODEL_TYPES)])
 
 
-def check_type(section: str, type_name: Any, valid: tuple[str, ...]) -> str:
-    """Return `type_name` if it is one of `valid`; otherwise a ConfigError naming the valid types."""
-    if type_name not in valid:
-        raise ConfigError(f"{section}.type={type_name!r} is not a known type; valid: {', '.join(valid)}")
-    return type_name
+def model_num_heads(model: Mapping[str, Any]) -> int | None:
+    """Attention heads of a config's `model` section: its own `num_heads`, else its preset's.
+
+    Only a section without `num_heads` imports the preset's module to read it.
+    """
+    if model.get("num_heads") is not None:
+        return int(model["num_heads"])
+    if model.get("type") not in MODELS:
+        return None
+    keywords = getattr(model_preset(model["type"]), "keywords", None) or {}  # presets are functools.partial
+    return keywords.get("num_heads")
 
 
 def model_kwargs(
@@ -182,12 +207,13 @@ def build_model(
     kwargs = model_kwargs(
         cfg, in_channels=in_channels, caption_channels=caption_channels, model_max_length=model_max_length
     )
-    accepted = inspect.signature(MODELS[type_name]).parameters
+    preset = model_preset(type_name)
+    accepted = inspect.signature(preset).parameters
     for key in kwargs:
         if key not in accepted:  # MODEL_OPTIONS spans all types; each type takes only its own
             valid = sorted(set(accepted) - set(DERIVED_MODEL_OPTIONS))
             raise ConfigError(f"model.{key} is not an option of {type_name}; valid: {', '.join(valid)}")
-    model = MODELS[type_name](**kwargs)
+    model = preset(**kwargs)
     if cfg.get("from_pretrained"):
         load_model_weights(model, cfg["from_pretrained"], type_name=type_name)
     return model
@@ -210,81 +236,18 @@ PUBLISHED_SETTINGS: dict[str, dict[str, Any]] = {
 
 def count_parameters(type_name: str) -> int:
     """Parameter count of a preset with its released settings (default: T5-XXL text, 4 latent channels), on meta."""
-    check_type("model", type_name, MODEL_TYPES)
+    import torch
+
+    preset = model_preset(type_name)
     settings = {"in_channels": 4, "caption_channels": 4096, "model_max_length": 300}
     settings.update(PUBLISHED_SETTINGS.get(type_name, {}))
     with torch.device("meta"):
-        model = MODELS[type_name](**settings)
+        model = preset(**settings)
     return sum(p.numel() for p in model.parameters())
-
-
-def weights_file(path: str | Path) -> Path:
-    """The weights file for `from_pretrained`: the file itself, or the first of WEIGHT_FILES in a directory."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for name in WEIGHT_FILES:
-            if (p / name).is_file():
-                return p / name
-        raise CheckpointError(
-            f"{p}: no weights file in this directory; expected one of {', '.join(WEIGHT_FILES)}"
-        )
-    raise CheckpointError(
-        f"{path}: no such file or directory (weights are never downloaded here: fetch them first, "
-        "e.g. `hf download <repo> --local-dir DIR`, and point from_pretrained at DIR)"
-    )
-
-
-def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, a sharded safetensors index, or a torch .pt/.pth/.bin state dict."""
-    from safetensors.torch import load_file
-
-    try:
-        if file.name.endswith(".safetensors.index.json"):
-            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_file(file.parent / shard))
-            return state
-        if file.suffix == ".safetensors":
-            return load_file(file)
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and pickle raise their own types; all mean an unreadable file
-        raise CheckpointError(f"{file}: cannot read weights ({first_line(err)})") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
-def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str, section: str = "model") -> None:
-    """Load weights with strict=True; a checkpoint of another model type raises CheckpointError."""
-    file = weights_file(path)
-    state = read_state_dict(file)
-    if hasattr(model, "adapt_checkpoint"):  # e.g. fixed-size models recompute their position tables
-        state = model.adapt_checkpoint(state)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong_shape:
-        example = (missing or unexpected or wrong_shape)[0]
-        raise CheckpointError(
-            f"{file}: does not fit {section}.type={type_name!r}: {len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(wrong_shape)} wrongly shaped keys (e.g. {example!r})"
-        )
-    model.load_state_dict(state, strict=True)
-    log.info("loaded %s weights from %s", type_name, file)
 
 
 def build_vae(cfg: dict[str, Any]) -> nn.Module:
     """Build the VAE named by `cfg["type"]` from its local `from_pretrained` directory."""
-    from opensora_core.models.vae import VideoAutoencoderKL
-    from opensora_core.models.vae_pipeline import OpenSoraVAE_V1_2, build_pipeline
-    from opensora_core.models.vae_temporal import VAE_Temporal_SD
-
     type_name = check_type("vae", cfg.get("type"), VAE_TYPES)
     options = {k: v for k, v in cfg.items() if k != "type"}
     if type_name == "VideoAutoencoderKL":
@@ -293,29 +256,27 @@ def build_vae(cfg: dict[str, Any]) -> nn.Module:
     for key in options:
         if key not in valid:
             raise ConfigError(f"vae.{key} is not a {type_name} option; valid: {', '.join(sorted(valid))}")
-    if type_name == "VideoAutoencoderKL":
-        if not options.get("from_pretrained"):
-            raise ConfigError("vae.from_pretrained is required: a local AutoencoderKL directory")
-        return VideoAutoencoderKL(**options)
-    if type_name == "OpenSoraVAE_V1_2":
-        return OpenSoraVAE_V1_2(**options)
+    if type_name == "VideoAutoencoderKL" and not options.get("from_pretrained"):
+        raise ConfigError("vae.from_pretrained is required: a local AutoencoderKL directory")
     if type_name == "VideoAutoencoderPipeline":
         for key in ("vae_2d", "vae_temporal"):
             if not isinstance(options.get(key), dict):
                 raise ConfigError(f"vae.{key} is required for VideoAutoencoderPipeline: a dict with its type")
-        return build_pipeline(options.pop("vae_2d"), options.pop("vae_temporal"), **options)
-    weights = options.pop("from_pretrained", None)
-    model = VAE_Temporal_SD(**options)
-    if weights:
-        load_model_weights(model, weights, type_name=type_name, section="vae")
-    return model
+        return resolve(VAES[type_name])(options.pop("vae_2d"), options.pop("vae_temporal"), **options)
+    if type_name == "VAE_Temporal_SD":
+        weights = options.pop("from_pretrained", None)
+        model = resolve(VAES[type_name])(**options)
+        if weights:
+            load_model_weights(model, weights, type_name=type_name, section="vae")
+        return model
+    return resolve(VAES[type_name])(**options)
 
 
 def build_text_encoder(
-    cfg: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    cfg: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ):
-    """Build the text encoder named by `cfg["type"]` (frozen, eval mode) on `device`."""
-    from opensora_core.models.text_encoder import ClipEncoder, T5Encoder
+    """Build the text encoder named by `cfg["type"]` (frozen, eval mode) on `device`, in `dtype` (float32)."""
+    import torch
 
     type_name = check_type("text_encoder", cfg.get("type"), TEXT_ENCODER_TYPES)
     options = {k: v for k, v in cfg.items() if k != "type"}
@@ -325,10 +286,11 @@ def build_text_encoder(
             raise ConfigError(
                 f"text_encoder.{key} is not a {type_name} option; valid: {', '.join(sorted(valid))}"
             )
-    encoder_class, kind = {"t5": (T5Encoder, "T5"), "clip": (ClipEncoder, "CLIP")}[type_name]
     if not options.get("from_pretrained"):
+        kind = {"t5": "T5", "clip": "CLIP"}[type_name]
         raise ConfigError(f"text_encoder.from_pretrained is required: a local {kind} directory")
-    return encoder_class(**options, device=device, dtype=dtype)
+    encoder_class = resolve(TEXT_ENCODERS[type_name])
+    return encoder_class(**options, device=device, dtype=torch.float32 if dtype is None else dtype)
 
 
 # Released architectures of the VAEs and text encoders, for `opensora models` (no weights needed).
@@ -349,6 +311,7 @@ CLIP_B32_TEXT_CONFIG = dict(  # openai/clip-vit-base-patch32's text tower, Open-
 
 def count_component_parameters(section: str, type_name: str) -> int:
     """Parameter count of a VAE or text encoder type at its released size, built on the meta device."""
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from opensora_core.models.vae import VideoAutoencoderKL

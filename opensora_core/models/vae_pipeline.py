@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from opensora_core.errors import CheckpointError, ConfigError
 from opensora_core.models.vae import VideoAutoencoderKL
 from opensora_core.models.vae_temporal import TEMPORAL_VAES, DiagonalGaussian, TemporalVAE
+from opensora_core.models.weights import load_model_weights, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +322,6 @@ def build_pipeline(
 ) -> VideoAutoencoderPipeline:
     """A pipeline from its two VAE dicts; `from_pretrained` weights are loaded strictly. A relative
     `vae_2d.from_pretrained` may point inside the checkpoint directory."""
-    from opensora_core.models.registry import load_model_weights, weights_file
-
     base_dir = None
     if from_pretrained:
         weights_file(from_pretrained)  # fail on a missing checkpoint before building anything
@@ -365,8 +364,6 @@ def OpenSoraVAE_V1_2(
     }
     vae_temporal: dict[str, Any] = {"type": "VAE_Temporal_SD", "from_pretrained": None}
     if from_pretrained:
-        from opensora_core.models.registry import weights_file
-
         weights_file(from_pretrained)  # a missing checkpoint fails here, with where to get it
         saved = read_saved_config(from_pretrained)
         vae_2d = dict(saved.get("vae_2d") or vae_2d)

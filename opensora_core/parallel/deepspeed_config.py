@@ -20,6 +20,21 @@ DTYPES = ("fp32", "fp16", "bf16")
 _NEVER = 10**12
 
 
+def check_plugin(plugin: str, sp_size: int = 1) -> str:
+    """`plugin` if it is one of PLUGINS and fits `sp_size` (only zero2-seq runs sequence parallelism)."""
+    if plugin not in PLUGINS:
+        raise ConfigError(f"plugin={plugin!r} is unknown; valid plugins: {', '.join(PLUGINS)}")
+    if plugin == "zero2-seq" and sp_size < 2:
+        raise ConfigError(
+            f"sp_size={sp_size}: plugin='zero2-seq' needs sp_size >= 2 (use plugin='zero2' for 1)"
+        )
+    if plugin != "zero2-seq" and sp_size != 1:
+        raise ConfigError(
+            f"sp_size={sp_size}: sequence parallelism needs plugin='zero2-seq' (plugin is {plugin!r})"
+        )
+    return plugin
+
+
 def deepspeed_config(
     plugin: str,
     dtype: str,
@@ -39,18 +54,9 @@ def deepspeed_config(
     `world_size` is the number of ranks ZeRO shards over, when known. On a single rank ZeRO-2 runs as
     stage 1 (see `zero_stage`).
     """
-    if plugin not in PLUGINS:
-        raise ConfigError(f"plugin={plugin!r} is unknown; valid plugins: {', '.join(PLUGINS)}")
+    check_plugin(plugin, sp_size)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is unknown; valid values: {', '.join(DTYPES)}")
-    if plugin == "zero2-seq" and sp_size < 2:
-        raise ConfigError(
-            f"sp_size={sp_size}: plugin='zero2-seq' needs sp_size >= 2 (use plugin='zero2' for 1)"
-        )
-    if plugin != "zero2-seq" and sp_size != 1:
-        raise ConfigError(
-            f"sp_size={sp_size}: sequence parallelism needs plugin='zero2-seq' (plugin is {plugin!r})"
-        )
     if grad_clip < 0:
         raise ConfigError(f"grad_clip={grad_clip}: must be >= 0 (0 turns clipping off)")
     if micro_batch_size < 1 or grad_accum < 1:

@@ -6,28 +6,14 @@ frame is given clean, as a condition (image-to-video, extension, interpolation).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping
 
 import torch
 
-from opensora_core.errors import ConfigError
+from opensora_core.train.mask_ratios import MASK_NAMES, check_mask_ratios
 
-# Open-Sora v1.2's names, including its spelling "intepolate".
-MASK_NAMES = (
-    "identity",
-    "quarter_random",
-    "quarter_head",
-    "quarter_tail",
-    "quarter_head_tail",
-    "image_random",
-    "image_head",
-    "image_tail",
-    "image_head_tail",
-    "random",
-    "intepolate",
-)
+__all__ = ["MASK_NAMES", "MaskGenerator"]
 
 
 class MaskGenerator:
@@ -38,27 +24,7 @@ class MaskGenerator:
     """
 
     def __init__(self, mask_ratios: Mapping[str, float]) -> None:
-        ratios: dict[str, float] = {}
-        for name, value in mask_ratios.items():
-            if name not in MASK_NAMES:
-                raise ConfigError(
-                    f"mask_ratios[{name!r}]: unknown mask; valid names: {', '.join(MASK_NAMES)}"
-                )
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ConfigError(f"mask_ratios[{name!r}]={value!r}: must be a number in [0, 1]")
-            ratios[name] = float(value)
-        if "identity" not in ratios:
-            rest = 1.0 - sum(ratios.values())
-            if rest < -1e-6:
-                raise ConfigError(
-                    f"mask_ratios: the ratios sum to {sum(ratios.values()):.6g} > 1, "
-                    "leaving nothing for mask_ratios['identity']"
-                )
-            ratios["identity"] = max(rest, 0.0)
-        total = sum(ratios.values())
-        if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ConfigError(f"mask_ratios: the ratios sum to {total:.6g}; they must sum to 1")
-        self.mask_ratios = ratios
+        self.mask_ratios = check_mask_ratios(mask_ratios)
 
     def pick(self, rng: random.Random) -> str:
         """One mask kind, drawn by cumulative probability in the config's order."""
