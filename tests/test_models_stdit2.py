@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from opensora_core.errors import CheckpointError, ConfigError
-from opensora_core.models import stdit3
+from opensora_core.models import kernels
 from opensora_core.models.registry import build_model, count_parameters
 from opensora_core.models.stdit2 import STDIT2_MODELS, STDiT2, STDiT2_XL_2
 from opensora_core.schedulers.rflow import RFlow
@@ -244,8 +244,8 @@ def test_sdpa_and_plain_attention_agree(monkeypatch):
 
 def test_flash_attn_and_layernorm_kernel_fall_back_on_cpu_with_one_warning(caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    stdit3.flash_attn_func.cache_clear()
-    stdit3.fused_layernorm_class.cache_clear()
+    kernels.flash_attn_func.cache_clear()
+    kernels.fused_layernorm_class.cache_clear()
     inputs = tiny_inputs()
     try:
         with caplog.at_level(logging.WARNING):
@@ -253,8 +253,8 @@ def test_flash_attn_and_layernorm_kernel_fall_back_on_cpu_with_one_warning(caplo
             with torch.no_grad():
                 out, again = fast(**inputs), fast(**inputs)
     finally:
-        stdit3.flash_attn_func.cache_clear()
-        stdit3.fused_layernorm_class.cache_clear()
+        kernels.flash_attn_func.cache_clear()
+        kernels.fused_layernorm_class.cache_clear()
     with torch.no_grad():
         reference = tiny_model()(**inputs)
     warnings = [r.getMessage() for r in caplog.records if "enable_flash_attn" in r.getMessage()]
