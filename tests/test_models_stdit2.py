@@ -359,8 +359,8 @@ def test_training_losses_with_condition_frames_reach_the_model_as_x_mask():
 
 
 def test_guided_sampling_uses_the_model_null_caption(tmp_path):
-    from opensora_core.models.pretrained import create_tiny_pretrained
     from opensora_core.models.text_encoder import T5Encoder
+    from opensora_core.models.tiny_random import create_tiny_pretrained
     from opensora_core.sample.generate import model_condition
 
     paths = create_tiny_pretrained(tmp_path)
