@@ -524,7 +524,7 @@ def build_vae(sizes: Sizes, device: torch.device, workdir: Path, dry_run: bool):
     from opensora_core.models.registry import build_vae as build
 
     if dry_run:
-        from opensora_core.models.pretrained import create_tiny_pretrained
+        from opensora_core.models.tiny_random import create_tiny_pretrained
 
         tiny = create_tiny_pretrained(workdir / "tiny")
         vae = build(dict(type="OpenSoraVAE_V1_2", from_pretrained=str(tiny.vae_v1_2), micro_frame_size=17,

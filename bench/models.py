@@ -31,12 +31,12 @@ def plain_attention(q, k, v, attn_mask=None, **_):
 
 
 def measure(variant: str, args: argparse.Namespace, out: multiprocessing.Queue) -> None:
-    from opensora_core.models import stdit3
+    from opensora_core.models import kernels, stdit3
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if variant == "plain":
-        stdit3.F = _FunctionalWith(plain_attention)  # the model module's view of torch.nn.functional
+        kernels.F = _FunctionalWith(plain_attention)  # the attention kernel's view of torch.nn.functional
     model = stdit3.STDiT3(
         in_channels=LATENT[0],
         hidden_size=args.hidden_size,

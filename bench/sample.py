@@ -86,7 +86,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from opensora_core.cli import main as cli_main
     from opensora_core.config import load_config
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
     from opensora_core.sample.generate import build_components, generate
 
     torch.manual_seed(0)

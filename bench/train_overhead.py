@@ -166,7 +166,7 @@ def main() -> None:
 
     import ray
 
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
 
     with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:
         root = Path(tmp)

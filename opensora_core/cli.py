@@ -126,7 +126,7 @@ def cmd_models(ns: argparse.Namespace) -> int:
 
 def cmd_demo_data(ns: argparse.Namespace) -> int:
     from opensora_core.data.demo_data import make_demo_data
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
 
     out = Path(ns.dir)
     demo = make_demo_data(out, seed=ns.seed)

@@ -272,7 +272,7 @@ def skip_run(ray_env, tmp_path_factory):
     import mlflow
 
     from opensora_core.data.bucket_build import build_snapshot
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
     from opensora_core.train import train
 
     root = tmp_path_factory.mktemp("skip")

@@ -108,7 +108,7 @@ def test_latent_arithmetic_is_open_soras_v1_2_vae():
 
 
 def test_latent_arithmetic_matches_the_vae_pipeline(tmp_path):
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
     from opensora_core.models.registry import build_vae
 
     bench = load_bench()

@@ -44,7 +44,7 @@ from opensora_core.data.scan import scan
 from opensora_core.data.snapshot import CURRENT_NAME, open_snapshot
 from opensora_core.data.snapshot_check import check_snapshot
 from opensora_core.errors import CheckpointError, StorageError
-from opensora_core.models.pretrained import create_tiny_pretrained
+from opensora_core.models.tiny_random import create_tiny_pretrained
 from opensora_core.stages import build_buckets
 from opensora_core.train import checkpoint as ckpt
 from opensora_core.train.checkpoint import latest_checkpoint, load_checkpoint, read_running_states

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from opensora_core.errors import CheckpointError, ConfigError
-from opensora_core.models.pretrained import TinyPretrained, create_tiny_pretrained
 from opensora_core.models.registry import build_model, build_text_encoder
 from opensora_core.models.text_encoder import ClipEncoder
+from opensora_core.models.tiny_random import TinyPretrained, create_tiny_pretrained
 
 
 @pytest.fixture(scope="module")

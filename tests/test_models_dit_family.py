@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from opensora_core.errors import ConfigError
-from opensora_core.models import stdit3
+from opensora_core.models import kernels
 from opensora_core.models.dit import DiT_XL_2, DiT_XL_2x2
 from opensora_core.models.fixed_size import sincos_table_1d, sincos_table_2d
 from opensora_core.models.latte import Latte_XL_2, Latte_XL_2x2
@@ -330,16 +330,16 @@ def test_sdpa_and_plain_attention_agree(preset, inputs, monkeypatch):
     model = tiny(preset)
     with torch.no_grad():
         sdpa = model(**inputs())
-        monkeypatch.setattr(stdit3, "attention", plain_attention)
+        monkeypatch.setattr(kernels, "attention", plain_attention)
         plain = model(**inputs())
     assert (sdpa - plain).abs().max() < 1e-5
 
 
 def test_kernel_options_fall_back_on_cpu_with_one_warning(caplog):
-    stdit3.flash_attn_func.cache_clear()
-    stdit3.fused_layernorm_class.cache_clear()
+    kernels.flash_attn_func.cache_clear()
+    kernels.fused_layernorm_class.cache_clear()
     reference = tiny(STDiT_XL_2)
-    with caplog.at_level(logging.WARNING, logger="opensora_core.models.stdit3"):
+    with caplog.at_level(logging.WARNING, logger="opensora_core.models.kernels"):
         fast = tiny(STDiT_XL_2, enable_flash_attn=True, enable_layernorm_kernel=True)
         tiny(PixArt_XL_2, enable_flash_attn=True, enable_layernorm_kernel=True)
     warnings = [r.getMessage() for r in caplog.records]

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from opensora_core.cli import main as cli_main
 from opensora_core.config import load_config
 from opensora_core.models.fixed_size import POSITION_TABLE_KEYS
-from opensora_core.models.pretrained import TinyPretrained, create_tiny_pretrained
 from opensora_core.models.registry import build_model, build_text_encoder, build_vae
+from opensora_core.models.tiny_random import TinyPretrained, create_tiny_pretrained
 from opensora_core.models.vae_pipeline import V1_2_SCALE, V1_2_SHIFT
 from opensora_core.train import TrainResult
 

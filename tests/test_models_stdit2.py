@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from opensora_core.errors import CheckpointError, ConfigError
-from opensora_core.models import stdit3
+from opensora_core.models import kernels
 from opensora_core.models.registry import build_model, count_parameters
 from opensora_core.models.stdit2 import STDIT2_MODELS, STDiT2, STDiT2_XL_2
 from opensora_core.schedulers.rflow import RFlow
@@ -244,8 +244,8 @@ def test_sdpa_and_plain_attention_agree(monkeypatch):
 
 def test_flash_attn_and_layernorm_kernel_fall_back_on_cpu_with_one_warning(caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    stdit3.flash_attn_func.cache_clear()
-    stdit3.fused_layernorm_class.cache_clear()
+    kernels.flash_attn_func.cache_clear()
+    kernels.fused_layernorm_class.cache_clear()
     inputs = tiny_inputs()
     try:
         with caplog.at_level(logging.WARNING):
@@ -253,8 +253,8 @@ def test_flash_attn_and_layernorm_kernel_fall_back_on_cpu_with_one_warning(caplo
             with torch.no_grad():
                 out, again = fast(**inputs), fast(**inputs)
     finally:
-        stdit3.flash_attn_func.cache_clear()
-        stdit3.fused_layernorm_class.cache_clear()
+        kernels.flash_attn_func.cache_clear()
+        kernels.fused_layernorm_class.cache_clear()
     with torch.no_grad():
         reference = tiny_model()(**inputs)
     warnings = [r.getMessage() for r in caplog.records if "enable_flash_attn" in r.getMessage()]
@@ -359,8 +359,8 @@ def test_training_losses_with_condition_frames_reach_the_model_as_x_mask():
 
 
 def test_guided_sampling_uses_the_model_null_caption(tmp_path):
-    from opensora_core.models.pretrained import create_tiny_pretrained
     from opensora_core.models.text_encoder import T5Encoder
+    from opensora_core.models.tiny_random import create_tiny_pretrained
     from opensora_core.sample.generate import model_condition
 
     paths = create_tiny_pretrained(tmp_path)
@@ -397,11 +397,8 @@ def test_guided_sampling_uses_the_model_null_caption(tmp_path):
 
 
 def _sp_worker(rank: int, world_size: int, port: int, out: dict) -> None:
-    from opensora_core.parallel.sequence import (
-        apply_sequence_parallel,
-        new_sequence_parallel_groups,
-        parallel_layout,
-    )
+    from opensora_core.parallel.layout import parallel_layout
+    from opensora_core.parallel.sequence import apply_sequence_parallel, new_sequence_parallel_groups
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -168,37 +168,3 @@ def test_overrides_shrink_the_model():
     assert len(model.spatial_blocks) == len(model.temporal_blocks) == 3
     assert model.y_embedder.y_embedding.shape == (6, 16)
     assert model.x_embedder.proj.weight.shape == (48, 4, 1, 2, 2)
-
-
-class SingleRankSequenceParallel:
-    """A one-rank stand-in: exercises the sequence-parallel seam without torch.distributed."""
-
-    def __init__(self):
-        self.calls = []
-
-    def split(self, x, dim):
-        self.calls.append("split")
-        return x
-
-    def gather(self, x, dim):
-        self.calls.append("gather")
-        return x
-
-    def tokens_to_heads(self, x):
-        self.calls.append("tokens_to_heads")
-        return x
-
-    def heads_to_tokens(self, x):
-        return x
-
-
-def test_sequence_parallel_seam_is_called_and_keeps_outputs():
-    model, inputs = tiny_model(enable_sequence_parallelism=True), tiny_inputs()
-    with torch.no_grad():
-        plain = model(**inputs)
-        sp = SingleRankSequenceParallel()
-        model.set_sequence_parallel(sp)
-        parallel = model(**inputs)
-    assert torch.allclose(plain, parallel, atol=1e-6)
-    assert sp.calls.count("split") == 1 and sp.calls.count("gather") == 1
-    assert sp.calls.count("tokens_to_heads") == 3 * len(model.spatial_blocks)

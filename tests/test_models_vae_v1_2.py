@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from opensora_core.errors import CheckpointError, ConfigError
-from opensora_core.models.pretrained import TinyPretrained, create_tiny_pretrained
 from opensora_core.models.registry import build_vae
+from opensora_core.models.tiny_random import TinyPretrained, create_tiny_pretrained
 from opensora_core.models.vae_pipeline import (
     V1_2_SCALE,
     V1_2_SHIFT,

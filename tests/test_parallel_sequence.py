@@ -10,11 +10,11 @@ import torch.multiprocessing as mp
 
 from opensora_core.errors import ConfigError
 from opensora_core.models.stdit3 import STDiT3
+from opensora_core.parallel.layout import check_heads_divisible, parallel_layout
 from opensora_core.parallel.sequence import (
     apply_sequence_parallel,
-    check_heads_divisible,
     new_sequence_parallel_groups,
-    parallel_layout,
+    parallelize_sequence,
 )
 
 # fp32; attention and the all-to-all reorder sums, so values differ from one process in the 7th digit
@@ -108,6 +108,54 @@ def test_sp2_matches_one_process_loss_and_gradients(sequence_parallel_results, s
         assert grads.keys() == reference_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, reference_grads[name], rtol=TOLERANCE, atol=1e-6, msg=name)
+
+
+class SingleRankSequenceParallel:
+    """A one-rank stand-in: exercises the sequence-parallel hooks and wrappers without torch.distributed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def split(self, x, dim):
+        self.calls.append("split")
+        return x
+
+    def gather(self, x, dim):
+        self.calls.append("gather")
+        return x
+
+    def tokens_to_heads(self, x):
+        self.calls.append("tokens_to_heads")
+        return x
+
+    def heads_to_tokens(self, x):
+        self.calls.append("heads_to_tokens")
+        return x
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True], ids=["plain", "grad-checkpoint"])
+def test_sequence_parallel_runs_around_a_plain_model_and_keeps_outputs(grad_checkpoint):
+    model = tiny_model()
+    model.grad_checkpointing = grad_checkpoint
+    batch = tiny_batch(6, 10)
+    inputs = {k: v for k, v in batch.items() if k != "target"}
+    layout = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    with torch.no_grad():
+        plain = model(**inputs)
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+    sp = SingleRankSequenceParallel()
+    parallelize_sequence(model, sp)
+    with torch.no_grad():
+        parallel = model(**inputs)
+    assert torch.allclose(plain, parallel, atol=1e-6)
+    assert sp.calls.count("split") == 1 and sp.calls.count("gather") == 1
+    assert sp.calls.count("tokens_to_heads") == 3 * len(model.spatial_blocks)  # q, k, v of each spatial block
+    assert sp.calls.count("heads_to_tokens") == len(model.spatial_blocks)
+    loss, grads = loss_and_grads(model, batch)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == layout
 
 
 def test_layout_groups_consecutive_ranks_for_sp_and_strided_ranks_for_dp():

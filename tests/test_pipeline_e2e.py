@@ -61,7 +61,7 @@ def stack(service_ports):
 def demo_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo config pointed at freshly generated demo media and tiny weights in a temp dir."""
     from opensora_core.data.demo_data import make_demo_data
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(root / "data")

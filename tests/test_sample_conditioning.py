@@ -17,7 +17,7 @@ from PIL import Image
 from opensora_core.cli import main as cli_main
 from opensora_core.config import load_config
 from opensora_core.errors import ConfigError
-from opensora_core.models.pretrained import create_tiny_pretrained
+from opensora_core.models.tiny_random import create_tiny_pretrained
 from opensora_core.sample.long_video import Condition, generate_long
 from opensora_core.sample.mask_strategy import parse_mask_strategy
 from opensora_core.sample.writer import save_sample

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from opensora_core.config import load_config
 from opensora_core.errors import CheckpointError
-from opensora_core.models.pretrained import create_tiny_pretrained
+from opensora_core.models.tiny_random import create_tiny_pretrained
 from opensora_core.sample import evaluate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from opensora_core.cli import main as cli_main
 from opensora_core.config import load_config
 from opensora_core.errors import CheckpointError
-from opensora_core.models.pretrained import create_tiny_pretrained
+from opensora_core.models.tiny_random import create_tiny_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 

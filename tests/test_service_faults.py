@@ -198,7 +198,7 @@ def test_records_a_server_never_took_are_reported_once_without_holding_training_
 def local_ray(tmp_path_factory):
     import ray
 
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
 
     root = tmp_path_factory.mktemp("outage")
     with pytest.MonkeyPatch.context() as mp:

@@ -258,7 +258,7 @@ def test_an_upload_cut_before_running_states_is_not_a_checkpoint(tmp_path, monke
 def test_training_with_outputs_at_a_uri_copies_each_checkpoint_there(local_ray, tmp_path):
     from test_train_distributed import tiny_config
 
-    from opensora_core.models.pretrained import create_tiny_pretrained
+    from opensora_core.models.tiny_random import create_tiny_pretrained
     from opensora_core.sample.evaluate import find_checkpoints
     from opensora_core.train import train
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mmengine import Config
 
-from opensora_core.models.pretrained import create_tiny_pretrained
+from opensora_core.models.tiny_random import create_tiny_pretrained
 
 pytestmark = pytest.mark.slow
 

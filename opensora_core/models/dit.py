@@ -16,16 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from opensora_core.errors import ConfigError
-from opensora_core.models.fixed_size import FixedSizeModel, sincos_table_1d, sincos_table_2d
-from opensora_core.models.stdit3 import (
+from opensora_core.models.blocks import (
     CaptionEmbedder,
     Mlp,
     PatchEmbed3D,
     SelfAttention,
     TimestepEmbedder,
-    flash_attn_func,
-    make_layernorm,
+    initialize_weights,
 )
+from opensora_core.models.fixed_size import FixedSizeModel, sincos_table_1d, sincos_table_2d
+from opensora_core.models.kernels import flash_attn_func, make_layernorm
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
@@ -189,32 +189,18 @@ class DiT(FixedSizeModel):
         )
         self.blocks = nn.ModuleList([block() for _ in range(depth)])
         self.final_layer = DiTFinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """DiT's init: modulation and output layers start at zero, so a fresh model predicts zeros."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for linear in [blk.adaLN_modulation[-1] for blk in self.blocks] + [
-            self.final_layer.adaLN_modulation[-1],
-            self.final_layer.linear,
-        ]:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
-        if self.num_classes is None:
-            nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-            nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        # DiT's init: modulation and output layers start at zero, so a fresh model predicts zeros
+        initialize_weights(
+            self,
+            patch_embed=self.x_embedder,
+            conditioning=[self.t_embedder, self.y_embedder],  # a label table has no linear: left as built
+            zero=[
+                *(blk.adaLN_modulation[-1] for blk in self.blocks),
+                self.final_layer.adaLN_modulation[-1],
+                self.final_layer.linear,
+            ],
+        )
+        nn.init.zeros_(self.x_embedder.proj.bias)  # DiT alone starts the patch bias at zero
 
     def embed_condition(self, timestep: Tensor, y: Tensor) -> Tensor:
         """Timestep embedding plus the caption (or label) embedding: [B, hidden]."""

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from opensora_core.errors import ConfigError
+from opensora_core.models.blocks import run_block
 
 # Keys of sin-cos tables in upstream checkpoints; Open-Sora drops them on load and keeps the ones it
 # computed from the model's own input_size (DiT/Latte/PixArt originals call theirs "pos_embed"/"temp_embed").
@@ -107,9 +107,7 @@ class FixedSizeModel(nn.Module):
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], out_channels, t * pt, h * ph, w * pw)
 
     def run_block(self, block: nn.Module, *args) -> Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(block, *args, checkpointing=self.grad_checkpointing and self.training)
 
     def adapt_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Make an Open-Sora / upstream checkpoint fit this model, as Open-Sora's loader does.
@@ -123,8 +121,3 @@ class FixedSizeModel(nn.Module):
         if weight is not None and weight.ndim == 4:
             state["x_embedder.proj.weight"] = weight.unsqueeze(2)
         return state
-
-
-def drop_path_rates(drop_path: float, depth: int) -> list[float]:
-    """Stochastic depth growing linearly from 0 at the first block to `drop_path` at the last."""
-    return [drop_path * i / max(depth - 1, 1) for i in range(depth)]

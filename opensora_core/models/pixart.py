@@ -16,9 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from opensora_core.errors import ConfigError
-from opensora_core.models.fixed_size import FixedSizeModel, drop_path_rates, sincos_table_1d, sincos_table_2d
-from opensora_core.models.stdit2 import SizeEmbedder
-from opensora_core.models.stdit3 import (
+from opensora_core.models.blocks import (
     CaptionEmbedder,
     CrossAttention,
     DropPath,
@@ -26,13 +24,17 @@ from opensora_core.models.stdit3 import (
     Mlp,
     PatchEmbed3D,
     SelfAttention,
+    SizeEmbedder,
     TimestepEmbedder,
+    adaln_single,
     caption_key_mask,
-    flash_attn_func,
+    drop_path_rates,
     freeze_parameters,
-    make_layernorm,
+    initialize_weights,
     modulate,
 )
+from opensora_core.models.fixed_size import FixedSizeModel, sincos_table_1d, sincos_table_2d
+from opensora_core.models.kernels import flash_attn_func, make_layernorm
 
 
 class PixArtBlock(nn.Module):
@@ -61,10 +63,9 @@ class PixArtBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
     def forward(self, x: Tensor, y: Tensor, t: Tensor, y_mask: Tensor | None) -> Tensor:
-        B = x.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t.reshape(B, 6, -1)
-        ).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_single(
+            self.scale_shift_table, t
+        )
         x = x + self.drop_path(gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         x = x + self.cross_attn(x, y, y_mask)
         return x + self.drop_path(gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -167,32 +168,18 @@ class PixArt(FixedSizeModel):
         )
         self.final_layer = FinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
 
-        self.initialize_weights()
+        # PixArt's init: cross-attention and output layers start at zero
+        initialize_weights(
+            self,
+            patch_embed=self.x_embedder,
+            conditioning=[self.t_embedder, self.t_block, self.y_embedder],
+            zero=[*(blk.cross_attn.proj for blk in self.blocks), self.final_layer.linear],
+        )
         self.size_conditioning = size_conditioning
         if size_conditioning:  # created after the init, so they keep torch's default init as in PixArt
             self.csize_embedder = SizeEmbedder(hidden_size // 3)
             self.ar_embedder = SizeEmbedder(hidden_size // 3)
         freeze_parameters(self, freeze)  # only None or "text" get here
-
-    def initialize_weights(self) -> None:
-        """PixArt's init: cross-attention and output layers start at zero."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
-            nn.init.normal_(linear.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        for linear in [blk.cross_attn.proj for blk in self.blocks] + [self.final_layer.linear]:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
 
     def embed_timestep(
         self,

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from opensora_core.errors import ConfigError
-from opensora_core.models.fixed_size import FixedSizeModel, drop_path_rates, sincos_table_1d, sincos_table_2d
-from opensora_core.models.stdit3 import (
+from opensora_core.models.blocks import (
     CaptionEmbedder,
     CrossAttention,
     DropPath,
@@ -26,12 +25,13 @@ from opensora_core.models.stdit3 import (
     SelfAttention,
     TimestepEmbedder,
     caption_key_mask,
-    flash_attn_func,
+    drop_path_rates,
+    frame_modulations,
     freeze_parameters,
-    make_layernorm,
-    modulate,
-    select_frames,
+    initialize_weights,
 )
+from opensora_core.models.fixed_size import FixedSizeModel, sincos_table_1d, sincos_table_2d
+from opensora_core.models.kernels import flash_attn_func, make_layernorm
 
 # `freeze` values: train only the temporal attention, or keep the caption cross-attention fixed.
 FREEZE_CHOICES = ("not_temporal", "text")
@@ -82,45 +82,25 @@ class STDiTBlock(nn.Module):
         S: int,
     ) -> Tensor:
         B, N, C = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t.reshape(B, 6, -1)
-        ).chunk(6, dim=1)
-        if x_mask is not None:
-            shift_msa0, scale_msa0, gate_msa0, shift_mlp0, scale_mlp0, gate_mlp0 = (
-                self.scale_shift_table[None] + t0.reshape(B, 6, -1)
-            ).chunk(6, dim=1)
+        msa, mlp = frame_modulations(self.scale_shift_table, t, t0, x_mask, T, S)
 
         # spatial attention: tokens of one frame
-        h = self.norm1(x)
-        x_m = modulate(h, shift_msa, scale_msa)
-        if x_mask is not None:
-            x_m = select_frames(x_mask, x_m, modulate(h, shift_msa0, scale_msa0), T, S)
-        x_s = self.attn(x_m.reshape(B * T, S, C)).view(B, N, C)
-        x_gated = gate_msa * x_s
-        if x_mask is not None:
-            x_gated = select_frames(x_mask, x_gated, gate_msa0 * x_s, T, S)
-        x = x + self.drop_path(x_gated)
+        x_s = self.attn(msa.modulate(self.norm1(x)).reshape(B * T, S, C)).view(B, N, C)
+        x = x + self.drop_path(msa.gated(x_s))
 
         # temporal attention: one position across frames
         x_t = x.view(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
         if temporal_pos is not None:
             x_t = x_t + temporal_pos
         x_t = self.attn_temp(x_t).view(B, S, T, C).transpose(1, 2).reshape(B, N, C)
-        x = x + self.drop_path(gate_msa * x_t)
+        x = x + self.drop_path(msa.gate * x_t)
 
         # cross-attention to the caption (not modulated)
         x = x + self.cross_attn(x, y, y_mask)
 
         # MLP
-        h = self.norm2(x)
-        x_m = modulate(h, shift_mlp, scale_mlp)
-        if x_mask is not None:
-            x_m = select_frames(x_mask, x_m, modulate(h, shift_mlp0, scale_mlp0), T, S)
-        x_m = self.mlp(x_m)
-        x_gated = gate_mlp * x_m
-        if x_mask is not None:
-            x_gated = select_frames(x_mask, x_gated, gate_mlp0 * x_m, T, S)
-        return x + self.drop_path(x_gated)
+        x_m = self.mlp(mlp.modulate(self.norm2(x)))
+        return x + self.drop_path(mlp.gated(x_m))
 
 
 class STDiT(FixedSizeModel):
@@ -202,31 +182,17 @@ class STDiT(FixedSizeModel):
         )
         self.final_layer = FinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
 
-        self.initialize_weights()
+        # PixArt's init; temporal attention outputs start at zero so a fresh model acts per frame
+        initialize_weights(
+            self,
+            patch_embed=self.x_embedder,
+            conditioning=[self.t_embedder, self.t_block, self.y_embedder],
+            zero=[
+                *(linear for blk in self.blocks for linear in (blk.cross_attn.proj, blk.attn_temp.proj)),
+                self.final_layer.linear,
+            ],
+        )
         freeze_parameters(self, freeze)
-
-    def initialize_weights(self) -> None:
-        """PixArt's init; temporal attention outputs start at zero so a fresh model acts per frame."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
-            nn.init.normal_(linear.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        for blk in self.blocks:
-            for linear in (blk.cross_attn.proj, blk.attn_temp.proj):
-                nn.init.zeros_(linear.weight)
-                nn.init.zeros_(linear.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(
         self,

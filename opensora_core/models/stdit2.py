@@ -2,7 +2,7 @@
 
 Each block runs spatial attention, a RoPE temporal attention with its own adaLN modulation, caption
 cross-attention and an MLP. Sizes, aspect ratio, frame count and fps are embedded as conditioning.
-The building blocks are STDiT3's; state-dict names and shapes match Open-Sora's released v1.1
+The building blocks are in blocks.py; state-dict names and shapes match Open-Sora's released v1.1
 checkpoints (spec/state-dicts.json "STDiT2-XL/2").
 """
 
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from opensora_core.errors import ConfigError
-from opensora_core.models.stdit3 import (
+from opensora_core.models.blocks import (
     CaptionEmbedder,
     CrossAttention,
     DropPath,
@@ -28,35 +26,26 @@ from opensora_core.models.stdit3 import (
     PositionEmbedding2D,
     RotaryEmbedding,
     SelfAttention,
-    SequenceParallel,
+    SizeEmbedder,
     TimestepEmbedder,
     caption_key_mask,
-    flash_attn_func,
+    drop_path_rates,
+    frame_modulations,
     freeze_parameters,
-    make_layernorm,
-    modulate,
-    select_frames,
+    initialize_weights,
+    patch_grid,
+    run_block,
     unpatchify,
 )
+from opensora_core.models.kernels import flash_attn_func, make_layernorm
 
 # `freeze` values Open-Sora v1.1 accepts: train only the temporal attention, or keep cross-attention fixed.
 FREEZE_CHOICES = ("not_temporal", "text")
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks
+# One block
 # ----------------------------------------------------------------------------------------------
-
-
-class SizeEmbedder(TimestepEmbedder):
-    """[B, d] (or [B]) scalars -> [B, d * hidden]: each scalar embedded alone, the d results concatenated."""
-
-    def forward(self, s: Tensor, batch_size: int) -> Tensor:
-        if s.ndim == 1:
-            s = s[:, None]
-        if s.shape[0] != batch_size:  # CFG doubles the batch; sizes come once per prompt
-            s = s.repeat(batch_size // s.shape[0], 1)
-        return super().forward(s.reshape(-1)).reshape(batch_size, -1)
 
 
 class STDiT2Block(nn.Module):
@@ -114,63 +103,24 @@ class STDiT2Block(nn.Module):
     ) -> Tensor:
         """x [B, T*S, C]; t / t0 [B, 6C] and t_tmp / t0_tmp [B, 3C] adaLN inputs; x_mask [B, T] bool or None."""
         B, N, C = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t.reshape(B, 6, -1)
-        ).chunk(6, dim=1)
-        shift_tmp, scale_tmp, gate_tmp = (
-            self.scale_shift_table_temporal[None] + t_tmp.reshape(B, 3, -1)
-        ).chunk(3, dim=1)
-        zero, zero_tmp = (None,) * 6, (None,) * 3  # timestep-0 modulation, used only with a frame mask
-        if x_mask is not None:
-            zero = (self.scale_shift_table[None] + t0.reshape(B, 6, -1)).chunk(6, dim=1)
-            zero_tmp = (self.scale_shift_table_temporal[None] + t0_tmp.reshape(B, 3, -1)).chunk(3, dim=1)
-        frames = partial(FrameModulation, x_mask, T=T, S=S)
+        msa, mlp = frame_modulations(self.scale_shift_table, t, t0, x_mask, T, S)
+        (tmp,) = frame_modulations(self.scale_shift_table_temporal, t_tmp, t0_tmp, x_mask, T, S)
 
         # spatial self-attention: the tokens of one frame
-        mod = frames(shift_msa, scale_msa, gate_msa, *zero[0:3])
-        x_s = self.attn(mod.modulate(self.norm1(x)).reshape(B * T, S, C)).view(B, N, C)
-        x = x + self.drop_path(mod.gated(x_s))
+        x_s = self.attn(msa.modulate(self.norm1(x)).reshape(B * T, S, C)).view(B, N, C)
+        x = x + self.drop_path(msa.gated(x_s))
 
         # temporal self-attention: one spatial position across frames, RoPE over time
-        mod = frames(shift_tmp, scale_tmp, gate_tmp, *zero_tmp)
-        x_t = mod.modulate(self.norm_temp(x)).view(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
+        x_t = tmp.modulate(self.norm_temp(x)).view(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
         x_t = self.attn_temp(x_t, rope=rope).view(B, S, T, C).transpose(1, 2).reshape(B, N, C)
-        x = x + self.drop_path(mod.gated(x_t))
+        x = x + self.drop_path(tmp.gated(x_t))
 
         # cross-attention to the caption (not modulated)
         x = x + self.cross_attn(x, y, y_mask)
 
         # MLP
-        mod = frames(shift_mlp, scale_mlp, gate_mlp, *zero[3:6])
-        x_mlp = self.mlp(mod.modulate(self.norm2(x)))
-        return x + self.drop_path(mod.gated(x_mlp))
-
-
-@dataclass(frozen=True)
-class FrameModulation:
-    """One adaLN (shift, scale, gate) triple; with a frame mask, condition frames use the timestep-0 triple."""
-
-    x_mask: Tensor | None
-    shift: Tensor
-    scale: Tensor
-    gate: Tensor
-    shift0: Tensor | None
-    scale0: Tensor | None
-    gate0: Tensor | None
-    T: int
-    S: int
-
-    def modulate(self, h: Tensor) -> Tensor:
-        out = modulate(h, self.shift, self.scale)
-        if self.x_mask is None:
-            return out
-        return select_frames(self.x_mask, out, modulate(h, self.shift0, self.scale0), self.T, self.S)
-
-    def gated(self, x: Tensor) -> Tensor:
-        out = self.gate * x
-        if self.x_mask is None:
-            return out
-        return select_frames(self.x_mask, out, self.gate0 * x, self.T, self.S)
+        x_mlp = self.mlp(mlp.modulate(self.norm2(x)))
+        return x + self.drop_path(mlp.gated(x_mlp))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +185,6 @@ class STDiT2(nn.Module):
         self.caption_channels = caption_channels
         self.model_max_length = model_max_length
         self.grad_checkpointing = grad_checkpoint
-        self.sequence_parallel: SequenceParallel | None = None
         if enable_flash_attn:
             flash_attn_func()  # log the chosen attention path at build time
 
@@ -247,7 +196,7 @@ class STDiT2(nn.Module):
         self.t_block_temp = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
         self.rope = RotaryEmbedding(hidden_size // num_heads)
-        drop_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        drop_rates = drop_path_rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             STDiT2Block(
                 hidden_size,
@@ -268,42 +217,18 @@ class STDiT2(nn.Module):
         self.fl_embedder = SizeEmbedder(hidden_size)
         self.fps_embedder = SizeEmbedder(hidden_size)
 
-        self.initialize_weights()
+        # DiT's init; cross-attention, temporal attention and output start at zero
+        initialize_weights(
+            self,
+            patch_embed=self.x_embedder,
+            conditioning=[self.t_embedder, self.t_block, self.t_block_temp, self.y_embedder],
+            zero=[
+                *(linear for blk in self.blocks for linear in (blk.cross_attn.proj, blk.attn_temp.proj)),
+                self.final_layer.linear,
+            ],
+        )
         freeze_parameters(self, freeze)
         self.rope.freqs.requires_grad_(False)
-
-    def initialize_weights(self) -> None:
-        """DiT-style init; cross-attention, temporal attention and output start at zero."""
-
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.t_block_temp[1]):
-            nn.init.normal_(linear.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        for blk in self.blocks:
-            for linear in (blk.cross_attn.proj, blk.attn_temp.proj):
-                nn.init.zeros_(linear.weight)
-                nn.init.zeros_(linear.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    def set_sequence_parallel(self, sp: SequenceParallel | None) -> None:
-        """Shard spatial tokens across ranks with `sp` (None turns it off); weights are unchanged.
-
-        Only spatial attention needs the whole frame; temporal attention, cross-attention and the MLP
-        act per spatial position, so they run on the local shard as they are.
-        """
-        self.sequence_parallel = sp
-        for blk in self.blocks:
-            blk.attn.sequence_parallel = sp
 
     def encode_text(self, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Caption features -> ([B, L, hidden], key mask [B, L] bool or None)."""
@@ -340,13 +265,13 @@ class STDiT2(nn.Module):
         fl = self.fl_embedder(num_frames.reshape(-1, 1), B) + self.fps_embedder(fps.reshape(-1, 1), B)
 
         # position embedding scaled so that every resolution covers the same extent as input_sq_size
-        _, _, Tx, Hx, Wx = x.shape
-        pt, ph, pw = self.patch_size
-        T, H, W = -(-Tx // pt), -(-Hx // ph), -(-Wx // pw)
+        x_size = x.shape[2:]
+        T, H, W = patch_grid(x, self.patch_size)
         S = H * W
-        scale = (float(height.reshape(-1)[0]) * float(width.reshape(-1)[0])) ** 0.5 / self.input_sq_size
-        pos = self.pos_embed(H, W, scale=scale, base_size=round(S**0.5), device=x.device, dtype=dtype)
-        x = self.x_embedder(x).view(B, T, S, -1) + pos[:, None]
+        pos = self.pos_embed.for_video(
+            H, W, height=height, width=width, input_sq_size=self.input_sq_size, dtype=dtype
+        )
+        x = (self.x_embedder(x).view(B, T, S, -1) + pos[:, None]).reshape(B, T * S, -1)
 
         # adaLN inputs; condition frames (x_mask False) get the timestep-0 ones
         t = self.t_embedder(timestep)
@@ -360,31 +285,15 @@ class STDiT2(nn.Module):
 
         y, y_mask = self.encode_text(y, mask)
 
-        S_full = S
-        if self.sequence_parallel is not None:
-            x = self.sequence_parallel.split(x, dim=2)
-            S = x.shape[2]
-        x = x.reshape(B, T * S, -1)
-
+        checkpointing = self.grad_checkpointing and self.training
         for block in self.blocks:
             args = (x, y, t_spc, t_tmp, y_mask, x_mask, t0_spc_mlp, t0_tmp_mlp, T, S, self.rope)
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
-
-        if self.sequence_parallel is not None:
-            x = self.sequence_parallel.gather(x.view(B, T, S, -1), dim=2)[:, :, :S_full]
-            S = S_full
-            x = x.reshape(B, T * S, -1)
+            x = run_block(block, *args, checkpointing=checkpointing)
 
         # Open-Sora modulates generated frames with the bare timestep embedding but condition frames
         # with timestep-0 plus the size conditioning; released weights were trained that way.
         x = self.final_layer(x, t, x_mask, t0_spc, T, S)
-        return self.unpatchify(x, T, H, W, Tx, Hx, Wx).float()
-
-    def unpatchify(self, x: Tensor, T: int, H: int, W: int, Tx: int, Hx: int, Wx: int) -> Tensor:
-        return unpatchify(x, self.patch_size, self.out_channels, T, H, W, Tx, Hx, Wx)
+        return unpatchify(x, self.patch_size, self.out_channels, T, H, W, *x_size).float()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Ulysses sequence parallelism: each sample's spatial tokens split across the ranks of an SP group.
 
-Applied to a plain STDiT3 through its `set_sequence_parallel` seam; the model's weights and state
-dict do not change. Spatial self-attention trades the token shard for a head shard with an
-all-to-all (`torch.distributed.all_to_all_single`, which gloo supports), so attention still sees
-the whole frame; everything else in a block acts per token.
+`apply_sequence_parallel` changes how a plain STDiT3 / STDiT2 runs, the model knowing nothing of it:
+forward hooks split the tokens before the first block and gather them after the last (every block in
+between sees this rank's share of each frame), and each spatial self-attention's kernel is wrapped so
+the token shard is traded for a head shard around the softmax with an all-to-all
+(`torch.distributed.all_to_all_single`, which gloo supports). Attention still sees the whole frame;
+everything else in a block acts per token. Weights and the state dict do not change.
 
 Gradients: ranks of one SP group hold the same batch and run the layers outside the split part
 redundantly. The gather's backward multiplies by the SP size and the split's backward divides by
@@ -13,21 +15,19 @@ gradient; DeepSpeed's average over all ranks (SP x DP) is then exactly the data-
 
 from __future__ import annotations
 
+import inspect
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from opensora_core.errors import ConfigError
-from opensora_core.parallel.layout import ParallelLayout, check_heads_divisible, parallel_layout
-
-__all__ = [
-    "ParallelLayout",
-    "apply_sequence_parallel",
-    "check_heads_divisible",
-    "new_sequence_parallel_groups",
-    "parallel_layout",
-]
+from opensora_core.models.kernels import AttentionKernel
+from opensora_core.models.stdit2 import STDiT2
+from opensora_core.models.stdit3 import STDiT3
+from opensora_core.parallel.layout import ParallelLayout, check_heads_divisible
 
 
 def new_sequence_parallel_groups(layout: ParallelLayout) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
@@ -44,8 +44,28 @@ def new_sequence_parallel_groups(layout: ParallelLayout) -> tuple[dist.ProcessGr
     return sp_group, dp_group
 
 
+class SequenceParallel(Protocol):
+    """The collectives sequence parallelism needs; `UlyssesSequenceParallel` is the one over a process group."""
+
+    def split(self, x: Tensor, dim: int) -> Tensor:
+        """This rank's part of `x` along `dim` (padding if needed)."""
+        ...
+
+    def gather(self, x: Tensor, dim: int) -> Tensor:
+        """All ranks' parts of `x` concatenated along `dim` (may include padding; the caller crops)."""
+        ...
+
+    def tokens_to_heads(self, x: Tensor) -> Tensor:
+        """[B, H, N/P, D] -> [B, H/P, N, D] (all-to-all)."""
+        ...
+
+    def heads_to_tokens(self, x: Tensor) -> Tensor:
+        """[B, H/P, N, D] -> [B, H, N/P, D] (all-to-all)."""
+        ...
+
+
 class UlyssesSequenceParallel:
-    """STDiT3's `SequenceParallel` over one process group (all-to-all around spatial attention).
+    """`SequenceParallel` over one process group (all-to-all around spatial attention).
 
     `split` remembers the unpadded length so attention never sees the padding tokens: the
     all-to-all that gathers the tokens crops them, the one that scatters them back re-pads.
@@ -91,17 +111,96 @@ class UlyssesSequenceParallel:
         return out.transpose(0, 1).reshape(B, P * h, N // P, D)
 
 
-def apply_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup) -> UlyssesSequenceParallel:
-    """Make `model` (anything with `set_sequence_parallel`, e.g. STDiT3) run sequence parallel over `group`."""
+def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup) -> UlyssesSequenceParallel:
+    """Make `model` (an STDiT3 or STDiT2) run sequence parallel over `group`; its weights are untouched."""
     size = dist.get_world_size(group)
-    if not hasattr(model, "set_sequence_parallel"):
+    if not isinstance(model, STDiT3 | STDiT2):
         raise ConfigError(
             f"sp_size={size}: model {type(model).__name__} does not support sequence parallelism"
         )
     check_heads_divisible(int(model.num_heads), size)
     sp = UlyssesSequenceParallel(group)
-    model.set_sequence_parallel(sp)
+    parallelize_sequence(model, sp)
     return sp
+
+
+def parallelize_sequence(model: STDiT3 | STDiT2, sp: SequenceParallel) -> None:
+    """`apply_sequence_parallel` with any `SequenceParallel` (tests use a one-rank stand-in).
+
+    The blocks, in the order they run, share the tokens out; only spatial self-attention needs a
+    whole frame, since temporal attention, cross-attention and the MLP act per spatial position.
+    """
+    if isinstance(model, STDiT3):
+        blocks = [
+            blk for pair in zip(model.spatial_blocks, model.temporal_blocks, strict=True) for blk in pair
+        ]
+        spatial_attentions = [blk.attn for blk in model.spatial_blocks]
+    elif isinstance(model, STDiT2):
+        blocks = list(model.blocks)
+        spatial_attentions = [blk.attn for blk in model.blocks]
+    else:
+        raise TypeError(f"{type(model).__name__} has no sequence-parallel plan (STDiT3, STDiT2 have)")
+    for attn in spatial_attentions:
+        if not isinstance(attn.kernel, AttentionKernel):
+            raise ValueError(f"{type(model).__name__} is already sequence parallel")
+        attn.kernel = UlyssesAttention(attn.kernel, sp)
+    shards = TokenShards(sp)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(shards.enter_hook(block, first=i == 0), with_kwargs=True)
+    blocks[-1].register_forward_hook(shards.leave_hook(blocks[-1]), with_kwargs=True)
+
+
+class UlyssesAttention(nn.Module):
+    """An attention kernel run on this rank's heads over all tokens, between two all-to-alls."""
+
+    def __init__(self, kernel: nn.Module, sp: SequenceParallel):
+        super().__init__()
+        self.kernel = kernel
+        self.sp = sp
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:  # a key mask would have to be gathered with the tokens; self-attention has none
+            raise ValueError("sequence-parallel attention takes no key mask")
+        q, k, v = (self.sp.tokens_to_heads(t) for t in (q, k, v))
+        return self.sp.heads_to_tokens(self.kernel(q, k, v))
+
+
+class TokenShards:
+    """Forward hooks on the blocks of a model: each block's (x [B, T*S, C], T, S) become this rank's share.
+
+    The first block's hook splits every frame's S tokens, the others only pass the local S on; after the
+    last block the shares are gathered and the split's padding cropped, so the model sees whole frames.
+    """
+
+    def __init__(self, sp: SequenceParallel):
+        self.sp = sp
+        self.length: int | None = None  # tokens per frame before the split
+
+    def enter_hook(self, block: nn.Module, *, first: bool):
+        signature = inspect.signature(block.forward)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            bound = signature.bind(*args, **kwargs)
+            a = bound.arguments
+            if first:
+                x, T, self.length = a["x"], a["T"], a["S"]
+                B, _, C = x.shape
+                a["x"] = self.sp.split(x.view(B, T, self.length, C), dim=2).reshape(B, -1, C)
+            a["S"] = a["x"].shape[1] // a["T"]
+            return bound.args, bound.kwargs
+
+        return hook
+
+    def leave_hook(self, block: nn.Module):
+        signature = inspect.signature(block.forward)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+            a = signature.bind(*args, **kwargs).arguments  # the arguments as `enter_hook` left them
+            B, _, C = out.shape
+            whole = self.sp.gather(out.view(B, a["T"], a["S"], C), dim=2)[:, :, : self.length]
+            return whole.reshape(B, -1, C)
+
+        return hook
 
 
 # ------------------------------------------------------------------------------------------------

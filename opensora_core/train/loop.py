@@ -35,11 +35,8 @@ import torch.distributed as dist
 
 from opensora_core import storage
 from opensora_core.errors import ConfigError
-from opensora_core.parallel.sequence import (
-    apply_sequence_parallel,
-    new_sequence_parallel_groups,
-    parallel_layout,
-)
+from opensora_core.parallel.layout import parallel_layout
+from opensora_core.parallel.sequence import apply_sequence_parallel, new_sequence_parallel_groups
 from opensora_core.train.checkpoint import (
     RunningStates,
     fetch_checkpoint,

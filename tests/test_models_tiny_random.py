@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opensora_core.models.pretrained import TinyPretrained, create_tiny_pretrained
 from opensora_core.models.registry import build_model, build_text_encoder, build_vae
 from opensora_core.models.text_encoder import T5Encoder
+from opensora_core.models.tiny_random import TinyPretrained, create_tiny_pretrained
 from opensora_core.models.vae import VideoAutoencoderKL
 
 
