@@ -276,9 +276,9 @@ class Trainer:
             from opensora_core.parallel.deepspeed_config import deepspeed_config
 
             if device.type == "cpu":
-                from opensora_core.train.loop import _skip_deepspeed_shm_kernel
+                from opensora_core.parallel.deepspeed_config import skip_cpu_shm_kernel
 
-                _skip_deepspeed_shm_kernel()
+                skip_cpu_shm_kernel()
             deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 
             config = deepspeed_config(

@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 import torch
 
 from opensora_core.config import load_config
+from opensora_core.data.batches import SnapshotBatches
 from opensora_core.data.scan import scan
 from opensora_core.stages import build_buckets
 from opensora_core.train import absolute_paths
-from opensora_core.train.loop import CONDITION_KEYS, SnapshotBatches
+from opensora_core.train.step import CONDITION_KEYS
 
 CONFIG = "configs/opensora-v1-2/train/demo.py"
 
@@ -109,8 +110,14 @@ def main() -> None:
         ray.shutdown()
 
         cfg = absolute_paths(vcfg.raw.to_dict())
-        cfg.update(snapshot_dir=str(info.path), num_workers=args.workers, sp_size=1)
-        batches = SnapshotBatches(cfg, rank=0, world_size=1, seed=int(cfg.get("seed", 42)))
+        batches = SnapshotBatches(
+            str(info.path),
+            cfg["dataset"],
+            rank=0,
+            world_size=1,
+            seed=vcfg.training.seed,
+            num_workers=args.workers,
+        )
         loader_s, loader_samples, first_batch_s = loader_rate(batches)
 
         batches.num_workers = 0

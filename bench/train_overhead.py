@@ -54,6 +54,8 @@ def training_config(pretrained: Any, args: argparse.Namespace, total_steps: int)
             type="t5", from_pretrained=str(pretrained.t5), model_max_length=8, local_files_only=True
         ),
         scheduler=dict(type="rflow", use_timestep_transform=True, sample_method="logit-normal"),
+        # the clips' shape; the batches are synthetic_data's, no media is read
+        dataset=dict(type="VideoTextDataset", num_frames=frames, image_size=(size, size)),
         synthetic_data=dict(
             num_batches=total_steps * 2,
             batch_size=args.batch_size,
@@ -76,10 +78,11 @@ def training_config(pretrained: Any, args: argparse.Namespace, total_steps: int)
 
 def plain_loop(cfg: dict[str, Any], args: argparse.Namespace) -> float:
     """(a): seconds per step of a bare PyTorch loop over the same model, encoders, loss and data."""
+    from opensora_core.data.batches import SyntheticClips
     from opensora_core.models.registry import build_model, build_text_encoder, build_vae
     from opensora_core.schedulers import build_scheduler
     from opensora_core.train.ema import create_ema, update_ema
-    from opensora_core.train.loop import CONDITION_KEYS, SyntheticClips
+    from opensora_core.train.step import CONDITION_KEYS
 
     torch.set_num_threads(1)
     random.seed(0), np.random.seed(0), torch.manual_seed(0)

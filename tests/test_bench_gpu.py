@@ -108,8 +108,8 @@ def test_latent_arithmetic_is_open_soras_v1_2_vae():
 
 
 def test_latent_arithmetic_matches_the_vae_pipeline(tmp_path):
-    from opensora_core.models.tiny_random import create_tiny_pretrained
     from opensora_core.models.registry import build_vae
+    from opensora_core.models.tiny_random import create_tiny_pretrained
 
     bench = load_bench()
     tiny = create_tiny_pretrained(tmp_path)

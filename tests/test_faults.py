@@ -39,6 +39,7 @@ from test_train_checkpoint import train as train_steps
 from opensora_core.cli import main as cli_main
 from opensora_core.config import load_config
 from opensora_core.data import bucket_build
+from opensora_core.data.batches import SnapshotBatches
 from opensora_core.data.manifest import MANIFEST_NAME
 from opensora_core.data.scan import scan
 from opensora_core.data.snapshot import CURRENT_NAME, open_snapshot
@@ -49,7 +50,6 @@ from opensora_core.stages import build_buckets
 from opensora_core.train import checkpoint as ckpt
 from opensora_core.train.checkpoint import latest_checkpoint, load_checkpoint, read_running_states
 from opensora_core.train.ema import create_ema
-from opensora_core.train.loop import SnapshotBatches
 
 pytestmark = pytest.mark.slow
 
@@ -313,10 +313,7 @@ def test_training_reader_finishes_its_epoch_on_its_snapshot_while_a_rebuild_swit
     scan(media, meta, workers=1, progress=False)
     old = build_buckets(cfg, meta, root)
     reader = SnapshotBatches(  # what each training worker holds: dataset, bucket sampler, DataLoader
-        {"snapshot_dir": str(root), "dataset": dict(cfg.raw.dataset), "num_workers": 1},
-        rank=0,
-        world_size=1,
-        seed=42,
+        str(root), cfg.dataset.as_dict(), rank=0, world_size=1, seed=42, num_workers=1
     )
     reader.set_epoch(0)
     batches = iter(reader)

@@ -217,16 +217,23 @@ def test_training_goes_on_while_mlflow_restarts_and_its_records_catch_up(stack, 
     from test_train_distributed import tiny_config
 
     from opensora_core.parallel.launch import run_training
-    from opensora_core.train import absolute_paths, new_experiment_dir
+    from opensora_core.train import new_experiment_dir
+    from opensora_core.train.job import train_job
 
-    def train_loop_around_an_outage(config):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    root = local_ray["root"]
+    markers = root / "markers"
+    markers.mkdir()
+
+    def train_loop_around_an_outage(job):
         # runs in the Ray worker: pauses once for the test to stop MLflow, then never waits on it
         import time
-        from pathlib import Path
 
         from opensora_core.train import loop
 
-        markers, save = Path(config["markers"]), loop.save_checkpoint
+        save = loop.save_checkpoint
 
         def save_and_signal(*args, **kwargs):
             saved = save(*args, **kwargs)
@@ -237,17 +244,11 @@ def test_training_goes_on_while_mlflow_restarts_and_its_records_catch_up(stack, 
             return saved
 
         loop.save_checkpoint = save_and_signal
-        loop.train_loop_per_worker(config)
+        loop.train_loop_per_worker(job)
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
-    client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("outage")).info.run_id
-    root = local_ray["root"]
-    markers = root / "markers"
-    markers.mkdir()
-    config = absolute_paths(tiny_config(local_ray["pretrained"], max_steps=8).to_dict())
-    exp_dir = new_experiment_dir(root / "runs", config["model"]["type"])
-    config.update(snapshot_dir=None, output_dir=str(exp_dir), mlflow_run_id=run_id, markers=str(markers))
+    cfg = tiny_config(local_ray["pretrained"], max_steps=8)
+    exp_dir = new_experiment_dir(root / "runs", cfg.model.type)
+    job = train_job(cfg, snapshot_dir=None, output_dir=str(exp_dir), mlflow_run_id=run_id)
     outage: dict[str, float] = {}
 
     def stop_then_restart_mlflow() -> None:
@@ -268,7 +269,7 @@ def test_training_goes_on_while_mlflow_restarts_and_its_records_catch_up(stack, 
     try:
         result = run_training(
             train_loop_around_an_outage,
-            config,
+            job,
             num_workers=1,
             use_gpu=False,
             ray_address=None,

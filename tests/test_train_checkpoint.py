@@ -44,9 +44,9 @@ def one_process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     import deepspeed
 
-    from opensora_core.train.loop import _skip_deepspeed_shm_kernel
+    from opensora_core.parallel.deepspeed_config import skip_cpu_shm_kernel
 
-    _skip_deepspeed_shm_kernel()
+    skip_cpu_shm_kernel()
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
     yield
     # through DeepSpeed: it also drops its clone of the world group, which the next test module's

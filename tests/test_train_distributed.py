@@ -37,6 +37,8 @@ def tiny_config(pretrained, **overrides) -> Config:
             ),
             scheduler=dict(type="rflow", use_timestep_transform=True, sample_method="logit-normal"),
             mask_ratios={"random": 0.2, "quarter_head": 0.2, "image_head": 0.2},
+            # the clips' shape; the batches are synthetic_data's, no media is read
+            dataset=dict(type="VideoTextDataset", num_frames=2, image_size=(32, 32)),
             synthetic_data=dict(num_batches=6, batch_size=2, num_frames=2, height=32, width=32),
             dtype="fp32",
             plugin="zero2",
@@ -224,16 +226,18 @@ def test_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(env, two_wo
     import mlflow
 
     from opensora_core.parallel.launch import run_training
-    from opensora_core.train import absolute_paths, new_experiment_dir
+    from opensora_core.train import new_experiment_dir
+    from opensora_core.train.job import train_job
 
-    def train_loop_killing_rank1_once(config):
+    marker = env["root"] / "killed.marker"
+
+    def train_loop_killing_rank1_once(job):
         # runs in the Ray worker: a fresh process per attempt, so `calls` restarts with it
         import os
-        from pathlib import Path
 
         from opensora_core.train import loop
 
-        marker, original, calls = Path(config["kill_marker"]), loop.save_checkpoint, []
+        original, calls = loop.save_checkpoint, []
 
         def save_or_die(*args, **kwargs):
             calls.append(kwargs["states"].global_step)
@@ -243,16 +247,15 @@ def test_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(env, two_wo
             return original(*args, **kwargs)
 
         loop.save_checkpoint = save_or_die
-        loop.train_loop_per_worker(config)
+        loop.train_loop_per_worker(job)
 
     run_id = mlflow.MlflowClient().create_run(env["experiment"], run_name="killed").info.run_id
-    config = absolute_paths(tiny_config(env["pretrained"]).to_dict())
-    exp_dir = new_experiment_dir(env["root"] / "killed", config["model"]["type"])
-    marker = env["root"] / "killed.marker"
-    config.update(snapshot_dir=None, output_dir=str(exp_dir), mlflow_run_id=run_id, kill_marker=str(marker))
+    cfg = tiny_config(env["pretrained"])
+    exp_dir = new_experiment_dir(env["root"] / "killed", cfg.model.type)
+    job = train_job(cfg, snapshot_dir=None, output_dir=str(exp_dir), mlflow_run_id=run_id)
     result = run_training(
         train_loop_killing_rank1_once,
-        config,
+        job,
         num_workers=2,
         use_gpu=False,
         ray_address=None,

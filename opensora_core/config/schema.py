@@ -74,6 +74,7 @@ class TrainingSettings:
     wandb: bool
     load: str | None
     start_from_scratch: bool
+    grad_accum: int = 1  # micro-batches accumulated into one optimizer step
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def _training_settings(cfg: Config, dtype: str, model: ComponentSpec) -> Trainin
         wandb=bool(cfg.get("wandb", False)),
         load=cfg.get("load"),
         start_from_scratch=bool(cfg.get("start_from_scratch", False)),
+        grad_accum=_int(cfg, "grad_accum", 1, minimum=1),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any
 
@@ -101,3 +102,15 @@ def zero_stage(plugin: str, world_size: int | None = None) -> int:
     """
     stage = PLUGINS[plugin]
     return 1 if stage == 2 and world_size == 1 else stage
+
+
+def skip_cpu_shm_kernel() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (~1 min) on start-up.
+
+    Only tensor-parallel inference uses it (`inference_all_reduce`); training talks through gloo,
+    so the compile is skipped. Newer DeepSpeed versions without the hook are left alone.
+    """
+    # not `import deepspeed.comm.torch`: that name resolves to the torch package re-exported there
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None

@@ -20,6 +20,7 @@ FORWARDED_ENV = (
     "OPENSORA_CACHE",  # where checkpoints fetched from shared storage go (opensora_core.storage)
 )
 _FORWARDED_ENV_KEY = "_forwarded_env"
+_JOB_KEY = "job"  # Ray Train hands its workers a dict: the job travels under this key
 
 
 def connect_ray(ray_address: str | None = None) -> None:
@@ -64,8 +65,8 @@ def cluster_has_gpus(num_workers: int) -> bool:
 
 
 def run_training(
-    train_loop: Callable[[dict[str, Any]], None],
-    loop_config: dict[str, Any],
+    train_loop: Callable[[Any], None],
+    job: Any,
     *,
     num_workers: int,
     use_gpu: bool,
@@ -73,14 +74,14 @@ def run_training(
     storage_path: str,
     run_name: str,
     max_failures: int = 0,
-    resume_from: str | None = None,
 ) -> Any:
-    """Run `train_loop(loop_config)` on `num_workers` Ray Train workers; returns the `ray.train.Result`.
+    """Run `train_loop(job)` on `num_workers` Ray Train workers; returns the `ray.train.Result`.
 
-    `resume_from` (a checkpoint directory) becomes the loop's `load` key. After a worker failure
-    Ray restarts the workers (up to `max_failures` times) and the loop resumes from the latest
-    reported checkpoint. An error a user can act on (`OpenSoraError`: a bad config key, a missing
-    checkpoint) raised in a worker is re-raised here as itself rather than wrapped by Ray.
+    `job` is any picklable value (the training loop's is an `opensora_core.train.job.TrainJob`).
+    After a worker failure Ray restarts the workers (up to `max_failures` times) and the loop
+    resumes from the latest reported checkpoint. An error a user can act on (`OpenSoraError`: a bad
+    config key, a missing checkpoint) raised in a worker is re-raised here as itself rather than
+    wrapped by Ray.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -89,13 +90,10 @@ def run_training(
     env = {}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed probes for CUDA and may pick it on a mixed node
-    config = dict(loop_config)
-    config[_FORWARDED_ENV_KEY] = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
-    if resume_from is not None:
-        config["load"] = resume_from
+    forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     trainer = TorchTrainer(
         _with_forwarded_env(train_loop),
-        train_loop_config=config,
+        train_loop_config={_JOB_KEY: job, _FORWARDED_ENV_KEY: forwarded},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
@@ -116,13 +114,12 @@ def run_training(
         raise
 
 
-def _with_forwarded_env(train_loop: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
-    """`train_loop` run after the caller's forwarded variables are set in the worker's environment."""
+def _with_forwarded_env(train_loop: Callable[[Any], None]) -> Callable[[dict[str, Any]], None]:
+    """`train_loop(job)` run after the caller's forwarded variables are set in the worker's environment."""
 
     def run(config: dict[str, Any]) -> None:
-        config = dict(config)
-        os.environ.update(config.pop(_FORWARDED_ENV_KEY, {}))
-        train_loop(config)
+        os.environ.update(config[_FORWARDED_ENV_KEY])
+        train_loop(config[_JOB_KEY])
 
     return run
 

@@ -38,31 +38,31 @@ def train(
 ) -> TrainResult:
     """Train the config's model on a bucket snapshot; checkpoints go to a new `{output_dir}/NNN-{model}/`.
 
-    `cfg` is an MMEngine `Config` (or a `ValidatedConfig`, whose `.raw` is used). `cfg.load`
+    `cfg` is a `ValidatedConfig` (or an MMEngine `Config`, validated here as a training config); the
+    workers get its typed settings as a `TrainJob` (`opensora_core.train.job`). `cfg.load`
     resumes from a checkpoint directory (a path or a URI). `use_gpu=None` uses GPUs when the Ray
     cluster has one per worker. An `output_dir` URI (`s3://...`) gets a copy of every checkpoint, saved
     first under its local mirror (`opensora_core.storage`); the result then names the URIs.
     """
     from opensora_core.parallel.launch import cluster_has_gpus, connect_ray, run_training
     from opensora_core.train.checkpoint import read_running_states
+    from opensora_core.train.job import train_job, training_config
     from opensora_core.train.loop import train_loop_per_worker
 
-    raw = getattr(cfg, "raw", cfg)
-    config: dict[str, Any] = absolute_paths(raw.to_dict())
-    config_text = raw.pretty_text
-    check_load(config)  # fail here, before any worker starts, on a bad path or another model
-    exp_dir = new_experiment_dir(output_dir, config["model"]["type"])
+    cfg = training_config(cfg)  # a bad key fails here, before anything is written
+    check_load(cfg.raw)  # and so does a bad `load` path, or a checkpoint of another model
+    exp_dir = new_experiment_dir(output_dir, cfg.model.type)
     shared = storage.is_uri(exp_dir)
     local_dir = storage.local_mirror(exp_dir)  # exp_dir itself unless it is a URI
     local_dir.mkdir(parents=True, exist_ok=True)
     if snapshot_dir and not storage.is_uri(snapshot_dir):
         snapshot_dir = str(Path(snapshot_dir).resolve())
-    config.update(
-        snapshot_dir=snapshot_dir or None,
+    job = train_job(
+        cfg,
+        snapshot_dir=snapshot_dir,
         output_dir=str(local_dir),
         checkpoint_uri=exp_dir if shared else None,
         mlflow_run_id=mlflow_run_id,
-        config_text=config_text,
     )
     connect_ray(ray_address)
     if use_gpu is None:
@@ -70,7 +70,7 @@ def train(
     start = time.perf_counter()
     result = run_training(
         train_loop_per_worker,
-        config,
+        job,
         num_workers=num_workers,
         use_gpu=use_gpu,
         ray_address=ray_address,

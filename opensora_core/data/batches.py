@@ -1,0 +1,200 @@
+"""Training batch sources: a bucket snapshot through the bucket batch sampler, or synthetic clips.
+
+Both give one rank its micro-batches with `len()`, `set_epoch`, `bucket_of` and a resumable
+`state_dict` / `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from opensora_core.errors import ConfigError
+from opensora_core.parallel.sequence import parallel_layout
+
+
+def build_batches(
+    *,
+    snapshot_dir: str | None,
+    dataset: dict[str, Any] | None,
+    synthetic_data: dict[str, Any] | None,
+    rank: int,
+    world_size: int,
+    seed: int,
+    sp_size: int = 1,
+    num_workers: int,
+) -> SnapshotBatches | SyntheticClips:
+    """This rank's micro-batches: synthetic clips when `synthetic_data` is given, else the snapshot's.
+
+    The `sp_size` consecutive ranks of a sequence-parallel group get the same batches.
+    """
+    if synthetic_data:
+        layout = parallel_layout(rank, world_size, sp_size)
+        return SyntheticClips(**synthetic_data, rank=layout.dp_rank, world_size=layout.dp_size, seed=seed)
+    return SnapshotBatches(
+        snapshot_dir,
+        dataset,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        sp_size=sp_size,
+        num_workers=num_workers,
+    )
+
+
+class SnapshotBatches:
+    """Batches of decoded clips from a bucket snapshot; DataLoader workers do the decoding.
+
+    A batch whose every sample failed to load comes out as None (see `collate_fn`).
+    """
+
+    def __init__(
+        self,
+        snapshot_dir: str | None,
+        dataset: dict[str, Any] | None,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        sp_size: int = 1,
+        num_workers: int,
+    ) -> None:
+        from opensora_core.data.dataset import VariableVideoTextDataset
+        from opensora_core.data.sampler import BucketBatchSampler
+        from opensora_core.data.snapshot import open_snapshot
+
+        dataset_cfg = dict(dataset or {})
+        if dataset_cfg.get("type", "VariableVideoTextDataset") != "VariableVideoTextDataset":
+            raise ConfigError(
+                f"dataset.type={dataset_cfg['type']!r}: training reads bucket snapshots; "
+                "use dataset.type='VariableVideoTextDataset'"
+            )
+        if not snapshot_dir:
+            raise ConfigError(
+                "snapshot_dir: training needs a bucket snapshot (build one with `opensora bucket`)"
+            )
+        snapshot = open_snapshot(snapshot_dir)
+        buckets = snapshot.manifest.buckets
+        if not buckets:
+            raise ConfigError(
+                f"bucket snapshot {snapshot.path}: no bucket kept any sample; check bucket_config"
+            )
+        self.dataset = VariableVideoTextDataset(
+            snapshot,
+            frame_interval=int(dataset_cfg.get("frame_interval", 1) or 1),
+            transform_name=dataset_cfg.get("transform_name") or "resize_crop",
+            seed=seed,
+        )
+        # the sampler's seed is the snapshot's, so epoch 0 uses the buckets drawn at build time
+        self.sampler = BucketBatchSampler(
+            snapshot, num_replicas=world_size, rank=rank, sp_size=sp_size, drop_last=True
+        )
+        self.num_workers = num_workers
+        self.bucket_names = [b.key.id for b in buckets]
+        self._names = {f"{b.num_frames}-{b.height}-{b.width}": b.key.id for b in buckets}
+        self.max_batch_size = max(b.batch_size for b in buckets)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def skipped(self) -> int:
+        """Files that failed to load on this rank so far (the dataset logs a warning for each)."""
+        return self.dataset.skipped
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        from opensora_core.data.dataset import collate_fn
+
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=torch.cuda.is_available(),
+        )
+        return iter(loader)
+
+    def bucket_of(self, batch: dict[str, Any]) -> str:
+        """The batch's bucket id, e.g. "144p-17-0.56"."""
+        shape = batch["bucket"][0]
+        return self._names.get(shape, shape)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self, num_batches: int) -> dict[str, Any]:
+        return self.sampler.state_dict(num_batches)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class SyntheticClips:
+    """Random clips and captions of one shape, split across ranks like the bucket sampler.
+
+    Micro-batch i of an epoch is a pure function of (seed, epoch, i); rank r of R takes
+    i = step * R + r, so any world size sees the same global steps.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_batches: int,
+        batch_size: int,
+        num_frames: int,
+        height: int,
+        width: int,
+        fps: int = 24,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.num_batches, self.batch_size = num_batches, batch_size
+        self.shape = (3, num_frames, height, width)
+        self.fps, self.rank, self.world_size, self.seed = fps, rank, world_size, seed
+        self.epoch, self.start = 0, 0
+        self.max_batch_size = batch_size
+        self.bucket_names = [f"{num_frames}-{height}-{width}"]
+        self.skipped = 0  # random clips never fail to load
+
+    def __len__(self) -> int:
+        return self.num_batches // self.world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start, self.start = self.start, 0  # a restored position applies to one pass
+        _, t, h, w = self.shape
+        n = self.batch_size
+        for step in range(start, len(self)):
+            index = step * self.world_size + self.rank
+            generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            )
+            yield {
+                "video": torch.rand(n, *self.shape, generator=generator) * 2 - 1,
+                "text": [f"synthetic clip {index}-{j}" for j in range(n)],
+                "num_frames": torch.full((n,), t),
+                "height": torch.full((n,), h),
+                "width": torch.full((n,), w),
+                "ar": torch.full((n,), h / w),
+                "fps": torch.full((n,), self.fps),
+                "bucket": [self.bucket_names[0]] * n,
+            }
+
+    def bucket_of(self, batch: dict[str, Any]) -> str:
+        return batch["bucket"][0]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a restored position belongs to the epoch it was saved in
+        self.epoch = epoch
+
+    def state_dict(self, num_batches: int) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed_batches": num_batches * self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.start = int(state["consumed_batches"]) // self.world_size

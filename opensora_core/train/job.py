@@ -1,0 +1,82 @@
+"""What each training worker is given: the validated settings and the run's keys, in one picklable value.
+
+Built once on the driver (`train_job`); the workers read it and never fall back to defaults of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from opensora_core.config.schema import TrainingSettings, ValidatedConfig, validate_config
+from opensora_core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run as the workers see it; plain data, so Ray pickles it to every worker."""
+
+    settings: TrainingSettings  # `settings.load` is absolute (a path or a URI)
+    model: dict[str, Any]  # the component sections as `dict(type=..., **options)`
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    dataset: dict[str, Any] | None
+    mask_ratios: dict[str, float] | None
+    output_dir: str  # local directory of the run: checkpoints are saved here first
+    snapshot_dir: str | None  # the bucket snapshot; None with `synthetic_data`
+    config_text: str  # the config file as resolved, saved beside each checkpoint
+    checkpoint_uri: str | None = None  # shared storage each saved checkpoint is copied to
+    mlflow_run_id: str | None = None
+    synthetic_data: dict[str, Any] | None = None  # random clips instead of a snapshot: tests, benchmarks
+
+    @property
+    def model_type(self) -> str:
+        return self.model["type"]
+
+
+def training_config(cfg: Any) -> ValidatedConfig:
+    """`cfg` as a validated training config: a `ValidatedConfig` as it is, an MMEngine `Config` checked now."""
+    validated = cfg if isinstance(cfg, ValidatedConfig) else validate_config(cfg, mode="train")
+    if validated.training is None:
+        raise ConfigError(f"{validated.path}: not a training config (it has no dataset or bucket_config)")
+    return validated
+
+
+def train_job(
+    cfg: Any,
+    *,
+    snapshot_dir: str | None,
+    output_dir: str,
+    mlflow_run_id: str | None = None,
+    checkpoint_uri: str | None = None,
+) -> TrainJob:
+    """The job for `cfg` (a `ValidatedConfig`, or an MMEngine `Config`, validated here as a training config).
+
+    Local paths in the config (`from_pretrained`, `load`) are made absolute: the workers run elsewhere.
+    """
+    from opensora_core.train import absolute_paths
+
+    validated = training_config(cfg)
+    raw = absolute_paths(validated.raw.to_dict())
+    for key in ("vae", "text_encoder"):
+        if not raw.get(key):
+            raise ConfigError(
+                f"{key}: missing; training encodes its batches with {key} = dict(type=..., ...)"
+            )
+    return TrainJob(
+        settings=dataclasses.replace(validated.training, load=raw.get("load")),
+        model=raw["model"],
+        vae=raw["vae"],
+        text_encoder=raw["text_encoder"],
+        scheduler=raw["scheduler"],
+        dataset=raw.get("dataset"),
+        mask_ratios=raw.get("mask_ratios") or None,
+        output_dir=str(output_dir),
+        snapshot_dir=snapshot_dir or None,
+        config_text=validated.raw.pretty_text,
+        checkpoint_uri=checkpoint_uri,
+        mlflow_run_id=mlflow_run_id,
+        synthetic_data=raw.get("synthetic_data") or None,
+    )
