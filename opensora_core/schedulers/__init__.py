@@ -1,4 +1,4 @@
-"""Diffusion schedulers by the config's `scheduler.type`: training losses and sampling loops."""
+"""Diffusion schedulers by the config's `scheduler.type`: training losses and sampling steps (`set_timesteps` / `step`)."""
 
 from __future__ import annotations
 
