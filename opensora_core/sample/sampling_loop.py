@@ -19,13 +19,9 @@ class SamplingScheduler(Protocol):
     timesteps: Tensor  # [steps, B]: what the model is given at each step, per sample
 
     def set_timesteps(
-        self,
-        num_sampling_steps: int | None = None,
-        device: torch.device | str | None = None,
-        *,
-        batch_size: int = 1,
-        model_args: dict[str, Any] | None = None,
-    ) -> None: ...
+        self, num_sampling_steps: int | None = None, device: torch.device | str | None = None, **kwargs: Any
+    ) -> None:
+        """Keyword arguments: batch_size and model_args (rflow's timestep transform reads them)."""
 
     def step(
         self, model_output: Tensor, timestep: Tensor, sample: Tensor, generator: torch.Generator | None = None
