@@ -202,6 +202,23 @@ def wait_for_server(timeout_s: float | None = None) -> None:
         time.sleep(1.0)
 
 
+# Why the training logger keeps its own queue and thread instead of MLflow's asynchronous logging
+# (`log_batch(..., synchronous=False)`, MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS, checked against MLflow
+# 3.17's mlflow/utils/async_logging/async_logging_queue.py and utils/request_utils.py):
+# - MLflow sends each queued batch once, retrying only inside the HTTP request (urllib3, exponential
+#   backoff, MLFLOW_HTTP_REQUEST_MAX_RETRIES=7: about 4 minutes, at most 10 retries); when those give up
+#   the batch is dropped with an ERROR line. An outage longer than that loses records, and records of a
+#   shorter one arrive only at the next backoff (up to 2 minutes after the server is back). Here records
+#   stay queued until the server answers, asked again every RETRY_EVERY_S.
+# - MLflow's queue registers an atexit hook that waits for every batch, retries included, and its
+#   flush() has no timeout: a worker ending while the server is away hangs for minutes (measured: an
+#   exit still waiting after 25 s). `close` here waits at most CATCH_UP_S and reports what is left in
+#   one warning line, instead of one ERROR per batch.
+# - With MLflow's buffering, sending without waiting (`send_now`, before a checkpoint) is only possible
+#   through flush(), which blocks; without buffering every logged step is its own request.
+# What MLflow does give is used: MlflowClient.log_batch for each request, its refusal error codes.
+
+
 class TrainingLog:
     """The training loop's MLflow records: queued here and sent by a background thread, so a step never
     waits on the tracking server, nor fails because of it.
