@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from opensora_core.errors import OpenSoraError, first_line
 
@@ -125,11 +125,26 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
     _client().log_batch(run_id, metrics=_metrics(metrics, step))
 
 
+class _MetricValue(NamedTuple):
+    """One metric value as MLflow's Metric takes it, kept as plain data so that queueing one imports
+    nothing (the first `import mlflow` takes seconds)."""
+
+    key: str
+    value: float
+    timestamp: int  # ms since the epoch
+    step: int
+
+
+def _metric_values(metrics: Mapping[str, float], step: int) -> list[_MetricValue]:
+    """`metrics` at `step`, stamped now."""
+    now = int(time.time() * 1000)
+    return [_MetricValue(k, float(v), now, step) for k, v in metrics.items()]
+
+
 def _metrics(metrics: Mapping[str, float], step: int) -> list:
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    return [Metric(*m) for m in _metric_values(metrics, step)]
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
@@ -241,7 +256,7 @@ class TrainingLog:
         self.run_id = run_id
         self._retry_every_s = RETRY_EVERY_S if retry_every_s is None else retry_every_s
         self._send_every_s = SEND_EVERY_S if send_every_s is None else send_every_s
-        self._metrics: list[Any] = []  # mlflow Metric, oldest first; removed only once sent
+        self._metrics: list[_MetricValue] = []  # oldest first; removed only once sent
         self._tags: dict[str, str] = {k: str(v) for k, v in (tags or {}).items()}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -261,7 +276,7 @@ class TrainingLog:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         with self._lock:
-            self._metrics.extend(_metrics(metrics, step))
+            self._metrics.extend(_metric_values(metrics, step))
         self._wake.set()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -318,13 +333,15 @@ class TrainingLog:
         self._problem = server_problem()
         if self._problem is not None:
             return False
-        from mlflow.entities import RunTag
+        from mlflow.entities import Metric, RunTag
 
         with self._lock:
             metrics = self._metrics[:_BATCH_METRICS]
             tags = list(self._tags.items())[:_BATCH_TAGS]
         try:
-            _client().log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags])
+            _client().log_batch(
+                self.run_id, metrics=[Metric(*m) for m in metrics], tags=[RunTag(k, v) for k, v in tags]
+            )
         except Exception as err:  # the server went away mid-request, or refused the batch
             self._problem = first_line(err, limit=300)
             if getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE":
