@@ -50,6 +50,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a plain checkout
 
 from opensora_core.models.registry import T5_XXL_CONFIG, build_model  # noqa: E402
+from opensora_core.sample.sampling_loop import sample_latents  # noqa: E402
 from opensora_core.schedulers.rflow import RFlow  # noqa: E402
 
 log = logging.getLogger("bench.gpu")
@@ -616,8 +617,7 @@ def sampling_speed(sizes: Sizes, device: torch.device, t5: RandomTokenT5, vae: A
     def one_video() -> tuple[float, float]:
         sync(device)
         start = time.perf_counter()
-        z = scheduler.sample(model, t5, x.bfloat16(), ["a prompt"], device, additional_args=extra,
-                             progress=False)  # fmt: skip
+        z = sample_latents(model, t5, scheduler, x.bfloat16(), ["a prompt"], model_args=extra, progress=False)
         sync(device)
         denoise = time.perf_counter() - start
         if vae is not None:

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from opensora_core.errors import OpenSoraError, first_line
 
@@ -125,11 +125,26 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
     _client().log_batch(run_id, metrics=_metrics(metrics, step))
 
 
+class _MetricValue(NamedTuple):
+    """One metric value as MLflow's Metric takes it, kept as plain data so that queueing one imports
+    nothing (the first `import mlflow` takes seconds)."""
+
+    key: str
+    value: float
+    timestamp: int  # ms since the epoch
+    step: int
+
+
+def _metric_values(metrics: Mapping[str, float], step: int) -> list[_MetricValue]:
+    """`metrics` at `step`, stamped now."""
+    now = int(time.time() * 1000)
+    return [_MetricValue(k, float(v), now, step) for k, v in metrics.items()]
+
+
 def _metrics(metrics: Mapping[str, float], step: int) -> list:
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    return [Metric(*m) for m in _metric_values(metrics, step)]
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
@@ -202,6 +217,23 @@ def wait_for_server(timeout_s: float | None = None) -> None:
         time.sleep(1.0)
 
 
+# Why the training logger keeps its own queue and thread instead of MLflow's asynchronous logging
+# (`log_batch(..., synchronous=False)`, MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS, checked against MLflow
+# 3.17's mlflow/utils/async_logging/async_logging_queue.py and utils/request_utils.py):
+# - MLflow sends each queued batch once, retrying only inside the HTTP request (urllib3, exponential
+#   backoff, MLFLOW_HTTP_REQUEST_MAX_RETRIES=7: about 4 minutes, at most 10 retries); when those give up
+#   the batch is dropped with an ERROR line. An outage longer than that loses records, and records of a
+#   shorter one arrive only at the next backoff (up to 2 minutes after the server is back). Here records
+#   stay queued until the server answers, asked again every RETRY_EVERY_S.
+# - MLflow's queue registers an atexit hook that waits for every batch, retries included, and its
+#   flush() has no timeout: a worker ending while the server is away hangs for minutes (measured: an
+#   exit still waiting after 25 s). `close` here waits at most CATCH_UP_S and reports what is left in
+#   one warning line, instead of one ERROR per batch.
+# - With MLflow's buffering, sending without waiting (`send_now`, before a checkpoint) is only possible
+#   through flush(), which blocks; without buffering every logged step is its own request.
+# What MLflow does give is used: MlflowClient.log_batch for each request, its refusal error codes.
+
+
 class TrainingLog:
     """The training loop's MLflow records: queued here and sent by a background thread, so a step never
     waits on the tracking server, nor fails because of it.
@@ -224,7 +256,7 @@ class TrainingLog:
         self.run_id = run_id
         self._retry_every_s = RETRY_EVERY_S if retry_every_s is None else retry_every_s
         self._send_every_s = SEND_EVERY_S if send_every_s is None else send_every_s
-        self._metrics: list[Any] = []  # mlflow Metric, oldest first; removed only once sent
+        self._metrics: list[_MetricValue] = []  # oldest first; removed only once sent
         self._tags: dict[str, str] = {k: str(v) for k, v in (tags or {}).items()}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -244,7 +276,7 @@ class TrainingLog:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         with self._lock:
-            self._metrics.extend(_metrics(metrics, step))
+            self._metrics.extend(_metric_values(metrics, step))
         self._wake.set()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -301,13 +333,15 @@ class TrainingLog:
         self._problem = server_problem()
         if self._problem is not None:
             return False
-        from mlflow.entities import RunTag
+        from mlflow.entities import Metric, RunTag
 
         with self._lock:
             metrics = self._metrics[:_BATCH_METRICS]
             tags = list(self._tags.items())[:_BATCH_TAGS]
         try:
-            _client().log_batch(self.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags])
+            _client().log_batch(
+                self.run_id, metrics=[Metric(*m) for m in metrics], tags=[RunTag(k, v) for k, v in tags]
+            )
         except Exception as err:  # the server went away mid-request, or refused the batch
             self._problem = first_line(err, limit=300)
             if getattr(err, "error_code", None) != "INVALID_PARAMETER_VALUE":

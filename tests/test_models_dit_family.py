@@ -19,6 +19,7 @@ from opensora_core.models.latte import Latte_XL_2, Latte_XL_2x2
 from opensora_core.models.pixart import PixArt_Sigma_XL_2, PixArt_XL_2, PixArtMS_XL_2
 from opensora_core.models.registry import build_model, count_parameters, model_preset
 from opensora_core.models.stdit import STDiT_XL_2
+from opensora_core.sample.sampling_loop import sample_latents
 from opensora_core.schedulers import build_scheduler
 
 SPEC = Path("/work/shared/spec")
@@ -446,5 +447,5 @@ def test_rflow_sampling_with_guidance_runs(preset, tokens):
         k: v for k, v in text_inputs(2, 4, 6).items() if k in ("num_frames", "height", "width", "ar", "fps")
     }
     scheduler = build_scheduler({"type": "rflow", "num_sampling_steps": 3})
-    out = scheduler.sample(model, encoder, z, ["a", "b"], "cpu", additional_args=sizes, progress=False)
+    out = sample_latents(model, encoder, scheduler, z, ["a", "b"], model_args=sizes, progress=False)
     assert out.shape == z.shape and torch.isfinite(out).all()

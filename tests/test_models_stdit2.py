@@ -19,6 +19,7 @@ from opensora_core.errors import CheckpointError, ConfigError
 from opensora_core.models import kernels
 from opensora_core.models.registry import build_model, count_parameters
 from opensora_core.models.stdit2 import STDIT2_MODELS, STDiT2, STDiT2_XL_2
+from opensora_core.sample.sampling_loop import sample_latents
 from opensora_core.schedulers.rflow import RFlow
 
 SPEC = Path("/work/shared/spec")
@@ -379,13 +380,13 @@ def test_guided_sampling_uses_the_model_null_caption(tmp_path):
     )
     z = torch.randn(2, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
-    out = RFlow(num_sampling_steps=2, cfg_scale=7.0).sample(
+    out = sample_latents(
         model,
         text_encoder,
+        RFlow(num_sampling_steps=2, cfg_scale=7.0),
         z,
         ["a red ball", "the sea"],
-        "cpu",
-        additional_args=condition,
+        model_args=condition,
         mask=mask,
         progress=False,
     )

@@ -7,13 +7,14 @@ import torch
 
 from opensora_core.errors import ConfigError
 from opensora_core.models.stdit3 import STDiT3_XL_2
+from opensora_core.sample.sampling_loop import sample_latents
 from opensora_core.schedulers import build_scheduler
 from opensora_core.schedulers.dpm_solver import DPMSolver
 from opensora_core.schedulers.iddpm import IDDPM
 
 
 def test_timesteps_run_uniformly_from_1_to_one_thousandth():
-    times = DPMSolver(num_sampling_steps=4).timesteps()
+    times = DPMSolver(num_sampling_steps=4).solver_times()
     assert times.tolist() == pytest.approx([1.0, 0.75025, 0.5005, 0.25075, 0.001])
 
 
@@ -62,7 +63,7 @@ def test_constant_guided_noise_is_solved_exactly(steps):
     scheduler = DPMSolver(num_sampling_steps=steps, cfg_scale=3.0)
     z = torch.randn(2, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
     model = CaptionNoiseModel()
-    out = scheduler.sample(model, ConstantTextEncoder(), z, ["a", "b"], "cpu", progress=False)
+    out = sample_latents(model, ConstantTextEncoder(), scheduler, z, ["a", "b"], progress=False)
     ns, start, end = scheduler.schedule, torch.tensor([1.0]), torch.tensor([0.001])
     c = (z - ns.sigma(start) * 3.0) / ns.alpha(start)
     assert torch.allclose(out, ns.alpha(end) * c + ns.sigma(end) * 3.0, atol=1e-5)
@@ -89,13 +90,13 @@ def test_sampling_is_deterministic_and_ignores_the_generator():
     scheduler = build_scheduler({"type": "dpm-solver", "num_sampling_steps": 4, "cfg_scale": 7.0})
     z = torch.randn(2, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     a, b = (
-        scheduler.sample(
+        sample_latents(
             model,
             RandomTextEncoder(),
+            scheduler,
             z,
             ["x", "y"],
-            "cpu",
-            additional_args=args,
+            model_args=args,
             progress=False,
             generator=g,
         )
@@ -107,12 +108,12 @@ def test_sampling_is_deterministic_and_ignores_the_generator():
 
 def test_condition_frames_are_a_config_error():
     with pytest.raises(ConfigError, match=r"scheduler.type='dpm-solver' cannot keep condition frames"):
-        DPMSolver().sample(
+        sample_latents(
             CaptionNoiseModel(),
             ConstantTextEncoder(),
+            DPMSolver(),
             torch.zeros(1, 4, 2, 2, 2),
             ["a"],
-            "cpu",
             mask=torch.tensor([[0.0, 1.0]]),
             progress=False,
         )

@@ -11,6 +11,7 @@ import torch
 from opensora_core.config import read_config
 from opensora_core.errors import ConfigError
 from opensora_core.models.stdit3 import STDiT3_XL_2
+from opensora_core.sample.sampling_loop import guided_prediction, sample_latents
 from opensora_core.schedulers import build_scheduler
 from opensora_core.schedulers.iddpm import IDDPM, IDDPMSpeed, beta_schedule, respaced_timesteps
 
@@ -221,7 +222,9 @@ def test_guidance_applies_to_the_first_cfg_channel_channels_only(cfg_channel, gu
     scheduler = IDDPM(cfg_scale=4.0, cfg_channel=cfg_channel)
     x = torch.zeros(2, 4, 1, 1, 1)
     y = torch.cat([torch.ones(2, 1, 2, 1), torch.zeros(2, 1, 2, 1)])
-    out = scheduler.guided_output(CaptionModel(), x, torch.tensor([5, 5]), {"y": y}, scale=4.0)
+    out = guided_prediction(
+        CaptionModel(), x, torch.tensor([5, 5]), {"y": y}, 4.0, channels=scheduler.cfg_channel
+    )
     channel = torch.arange(8.0)
     # guided: uncond + 4 * (cond - uncond) = c + 4; the rest come from the conditional half: c + 1
     expected = torch.where(channel < guided, channel + 4, channel + 1)
@@ -254,13 +257,13 @@ def test_sample_returns_latent_shape_and_is_deterministic_with_a_seed(tiny_sampl
     z = torch.randn(2, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))
 
     def run(seed: int) -> torch.Tensor:
-        return scheduler.sample(
+        return sample_latents(
             model,
             text_encoder,
+            scheduler,
             z,
             ["x", "y"],
-            "cpu",
-            additional_args=sizes(2),
+            model_args=sizes(2),
             progress=False,
             generator=torch.Generator().manual_seed(seed),
         )
@@ -275,7 +278,7 @@ def test_sampling_keeps_condition_frames_and_marks_them_clean_for_the_model():
     model, scheduler = RecordingModel(), IDDPM(num_sampling_steps=4)
     z = torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[0.0, 1.0]])  # frame 0 is a condition
-    out = scheduler.sample(model, ConstantTextEncoder(), z, ["a"], "cpu", mask=mask, progress=False)
+    out = sample_latents(model, ConstantTextEncoder(), scheduler, z, ["a"], mask=mask, progress=False)
     steps = [call[1][0].item() for call in model.calls]
     assert steps == [999, 666, 333, 0]
     for step, (x, _, kwargs) in enumerate(model.calls):
@@ -291,7 +294,7 @@ def test_partial_edit_frames_are_kept_then_renoised_at_their_step():
     model, scheduler = RecordingModel(), IDDPM(num_sampling_steps=10)
     z = torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[0.5, 1.0]])  # frame 0 is kept for steps 9..6, re-noised at step 5
-    scheduler.sample(model, ConstantTextEncoder(), z, ["a"], "cpu", mask=mask, progress=False)
+    sample_latents(model, ConstantTextEncoder(), scheduler, z, ["a"], mask=mask, progress=False)
     for step, (x, _, kwargs) in zip(range(9, -1, -1), model.calls, strict=True):
         assert kwargs["x_mask"][0].tolist() == [step < 5, True]
         assert torch.equal(x[:1, :, 0], z[:, :, 0]) == (step > 5)

@@ -9,6 +9,7 @@ import torch
 
 from opensora_core.errors import ConfigError
 from opensora_core.models.stdit3 import STDiT3_XL_2
+from opensora_core.sample.sampling_loop import sample_latents
 from opensora_core.schedulers import SCHEDULER_TYPES, build_scheduler
 from opensora_core.schedulers.rflow import RFlow, add_noise, mean_flat, timestep_transform
 
@@ -158,8 +159,8 @@ class CaptionVelocityModel(torch.nn.Module):
 def test_sampling_applies_guidance_and_integrates_the_whole_interval():
     z = torch.zeros(2, 4, 1, 2, 2)
     scheduler = RFlow(num_sampling_steps=5, cfg_scale=3.0)
-    out = scheduler.sample(
-        CaptionVelocityModel(), ConstantTextEncoder(), z, ["a", "b"], "cpu", progress=False
+    out = sample_latents(
+        CaptionVelocityModel(), ConstantTextEncoder(), scheduler, z, ["a", "b"], progress=False
     )
     # v = uncond + 3 * (cond - uncond) = 3, integrated over dt summing to 1
     assert torch.allclose(out, torch.full_like(z, 3.0))
@@ -172,7 +173,8 @@ def test_sampling_schedule_is_shifted_per_sample_by_the_transform():
         "width": torch.tensor([512.0, 1024.0]),
         "num_frames": torch.ones(2),
     }
-    steps = scheduler.timesteps(2, torch.device("cpu"), args)
+    scheduler.set_timesteps(device="cpu", batch_size=2, model_args=args)
+    steps = scheduler.timesteps
     assert [s.tolist() for s in steps] == [[1000.0, 1000.0], pytest.approx([500.0, 2000 / 3])]
 
 
@@ -202,13 +204,13 @@ def test_sample_returns_latent_shape_and_is_deterministic_with_a_seed(tiny_sampl
 
     def run(seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
-        return scheduler.sample(
+        return sample_latents(
             model,
             text_encoder,
+            scheduler,
             z,
             ["x", "y"],
-            "cpu",
-            additional_args=args,
+            model_args=args,
             mask=mask,
             progress=False,
             generator=generator,
@@ -224,8 +226,15 @@ def test_sample_keeps_frames_with_mask_zero(tiny_sampling):
     model, text_encoder, args = tiny_sampling
     z = torch.randn(2, 4, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    out = RFlow(num_sampling_steps=2).sample(
-        model, text_encoder, z, ["x", "y"], "cpu", additional_args=args, mask=mask, progress=False
+    out = sample_latents(
+        model,
+        text_encoder,
+        RFlow(num_sampling_steps=2),
+        z,
+        ["x", "y"],
+        model_args=args,
+        mask=mask,
+        progress=False,
     )
     assert torch.equal(out[0, :, 0], z[0, :, 0]) and torch.equal(out[1, :, 2], z[1, :, 2])
     assert not torch.equal(out[0, :, 1], z[0, :, 1])

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from opensora_core.config import ValidatedConfig
+from opensora_core.sample.sampling_loop import sample_latents
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def denoise(
     mask: torch.Tensor | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Run the scheduler from `z` to clean latents; `mask` [B, T_latent] keeps condition frames."""
+    """Run the sampling loop from `z` to clean latents; `mask` [B, T_latent] keeps condition frames."""
     height, width = image_size
     condition = model_condition(
         len(prompts),
@@ -113,16 +114,16 @@ def denoise(
         device=parts.device,
         dtype=parts.dtype,
     )
-    return parts.scheduler.sample(
+    return sample_latents(
         parts.model,
         parts.text_encoder,
-        z=z,
-        prompts=prompts,
-        device=parts.device,
-        additional_args=condition,
+        parts.scheduler,
+        z,
+        prompts,
+        model_args=condition,
         mask=mask,
-        progress=progress,
         generator=generator,
+        progress=progress,
     )
 
 

@@ -1,4 +1,5 @@
-"""Diffusion schedulers by the config's `scheduler.type`: training losses and sampling loops.
+"""Diffusion schedulers by the config's `scheduler.type`: training losses and sampling steps
+(`set_timesteps` / `step`); `opensora_core.sample.sampling_loop` runs them.
 
 The registry names each class as "module:attribute" (see `opensora_core.registry`), so checking a
 type imports no torch; `build_scheduler` imports the one module it builds from.

@@ -1,4 +1,4 @@
-"""DPM-Solver++ sampling (Open-Sora's `dpm-solver`): second-order multistep, for noise-predicting models.
+"""DPM-Solver++ sampling steps (Open-Sora's `dpm-solver`): second-order multistep, for noise-predicting models.
 
 The model's first C output channels are noise predictions on the linear-beta discrete VP chain of
 1000 steps. DPM-Solver treats that chain as continuous in t in [1/1000, 1]: log(alpha_t) is linearly
@@ -13,13 +13,13 @@ instead of 10, so its samples differ; the few lines of the solver are written he
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from opensora_core.errors import ConfigError
+from opensora_core.schedulers.frames import FrameMasks
 from opensora_core.schedulers.iddpm import beta_schedule
 
 TRAIN_STEPS = 1000
@@ -60,97 +60,73 @@ class DiscreteVPSchedule:
 
 
 class DPMSolver:
-    """Open-Sora's `dpm-solver` scheduler: `sample` only (Open-Sora trains no model with it)."""
+    """Open-Sora's `dpm-solver` scheduler: `set_timesteps` and `step` only (Open-Sora trains no model with it).
+
+    Multistep: `step` keeps the last two data predictions, so one sampling run must call `step` once
+    per entry of `timesteps`, in order, after `set_timesteps`.
+    """
 
     def __init__(self, num_sampling_steps: int = 20, cfg_scale: float = 4.0):
         # Open-Sora leaves num_sampling_steps=None, which fails when sampling; 20 is DPM-Solver's default.
-        if not isinstance(num_sampling_steps, int) or num_sampling_steps < SOLVER_ORDER:
-            raise ConfigError(
-                f"scheduler.num_sampling_steps={num_sampling_steps!r} must be an integer >= {SOLVER_ORDER} for dpm-solver"
-            )
+        _check_steps(num_sampling_steps)
         self.num_sampling_steps = num_sampling_steps
         self.cfg_scale = cfg_scale
         self.schedule = DiscreteVPSchedule(beta_schedule("linear", TRAIN_STEPS))
+        self.set_timesteps()
 
     def training_losses(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         raise ConfigError("scheduler.type='dpm-solver' only samples; train with iddpm, iddpm-speed or rflow")
 
-    def timesteps(self, device: torch.device | str = "cpu") -> Tensor:
+    def solver_times(self, device: torch.device | str | None = "cpu") -> Tensor:
         """The solver's continuous times [steps + 1], uniform from 1 down to 1/1000."""
         return torch.linspace(1.0, 1.0 / self.schedule.total_steps, self.num_sampling_steps + 1).to(device)
 
-    @torch.no_grad()
-    def sample(
+    def set_timesteps(
         self,
-        model: Callable[..., Tensor],
-        text_encoder: Any,
-        z: Tensor,
-        prompts: list[str],
-        device: torch.device | str,
-        additional_args: dict[str, Any] | None = None,
-        mask: Tensor | None = None,
-        progress: bool = True,
+        num_sampling_steps: int | None = None,
+        device: torch.device | str | None = None,
+        *,
+        batch_size: int = 1,
+        model_args: dict[str, Any] | None = None,
+    ) -> None:
+        """`timesteps` [steps, B]: the float timesteps (t - 1/1000) * 1000 the model is given at the
+        solver's times but the last."""
+        if num_sampling_steps is not None:
+            _check_steps(num_sampling_steps)
+            self.num_sampling_steps = num_sampling_steps
+        self._times = self.solver_times(device)
+        model_times = (self._times[:-1] - 1.0 / self.schedule.total_steps) * 1000.0
+        self.timesteps = model_times[:, None].repeat(1, batch_size)
+        self._step_index = 0
+        self._data_predictions: list[Tensor] = []
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: Tensor,
+        sample: Tensor,
         generator: torch.Generator | None = None,
-        guidance_scale: float | None = None,
     ) -> Tensor:
-        """Solve the probability-flow ODE from noise `z` [B, C, T, H, W] to latents for `prompts`.
-
-        Deterministic: `generator` is accepted for a common interface and unused.
-        """
-        if mask is not None:
-            raise ConfigError(
-                "scheduler.type='dpm-solver' cannot keep condition frames (reference_path / mask_strategy); "
-                "use iddpm or rflow"
-            )
-        scale = self.cfg_scale if guidance_scale is None else guidance_scale
-        n = len(prompts)
-        model_args = dict(text_encoder.encode(prompts))
-        cond = model_args.pop("y")
-        uncond = text_encoder.null(n).to(cond)
-        if additional_args is not None:
-            model_args.update(additional_args)
-        ns = self.schedule
-
-        def noise_prediction(x: Tensor, t: Tensor) -> Tensor:
-            t_model = (t.expand(x.shape[0]) - 1.0 / ns.total_steps) * 1000.0
-            if scale == 1.0:
-                return model(x, t_model, y=cond, **model_args).chunk(2, dim=1)[0]
-            out = model(
-                torch.cat([x, x]), torch.cat([t_model, t_model]), y=torch.cat([uncond, cond]), **model_args
-            )
-            eps_uncond, eps_cond = out.chunk(2, dim=1)[0].chunk(2)
-            return eps_uncond + scale * (eps_cond - eps_uncond)
-
-        def data_prediction(x: Tensor, t: Tensor) -> Tensor:
-            eps = noise_prediction(x, t)
-            return (x - ns.sigma(t) * eps) / ns.alpha(t)
-
-        times = self.timesteps(z.device)
-        x = z
-        prev_t = [times[0]]
-        prev_x0 = [data_prediction(x, times[0])]
-        # the first step has a single previous prediction, so it is first order
-        x = self._first_order_step(x, prev_t[-1], times[1], prev_x0[-1])
-        prev_t.append(times[1])
-        prev_x0.append(data_prediction(x, times[1]))
-
-        steps = range(SOLVER_ORDER, self.num_sampling_steps + 1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="sampling")
-        for step in steps:
-            t = times[step]
-            last = step == self.num_sampling_steps
-            if last and self.num_sampling_steps < LOWER_ORDER_FINAL_BELOW:
-                x = self._first_order_step(x, prev_t[-1], t, prev_x0[-1])
-            else:
-                x = self._second_order_step(x, prev_x0, prev_t, t)
-            prev_t = [prev_t[-1], t]
-            prev_x0 = [prev_x0[-1], prev_x0[-1]]
-            if not last:  # the final prediction would not be used
-                prev_x0[-1] = data_prediction(x, t)
+        """Solve from this step's time to the next one, given the (guided) noise prediction in the first
+        half of `model_output`'s channels. Deterministic: `generator` is unused."""
+        ns, k = self.schedule, self._step_index
+        s, t = self._times[k], self._times[k + 1]
+        eps = model_output.chunk(2, dim=1)[0]
+        self._data_predictions = [*self._data_predictions[-1:], (sample - ns.sigma(s) * eps) / ns.alpha(s)]
+        last = k + 1 == self.num_sampling_steps
+        # the first step has a single previous prediction; with few steps the last is first order too
+        if k == 0 or (last and self.num_sampling_steps < LOWER_ORDER_FINAL_BELOW):
+            x = self._first_order_step(sample, s, t, self._data_predictions[-1])
+        else:
+            x = self._second_order_step(sample, self._data_predictions, [self._times[k - 1], s], t)
+        self._step_index += 1
         return x
+
+    def frame_masks(self, mask: Tensor, index: int) -> FrameMasks:
+        raise ConfigError(
+            "scheduler.type='dpm-solver' cannot keep condition frames (reference_path / mask_strategy); "
+            "use iddpm or rflow"
+        )
 
     def _first_order_step(self, x: Tensor, s: Tensor, t: Tensor, x0_s: Tensor) -> Tensor:
         """DPM-Solver++-1 (DDIM) from time s to t, given the data prediction at s."""
@@ -177,3 +153,10 @@ class DPMSolver:
         d1_0 = (1.0 / r0) * (x0_0 - x0_1)
         phi_1 = torch.expm1(-h)
         return (sigma_t / sigma_0) * x - (alpha_t * phi_1) * x0_0 - 0.5 * (alpha_t * phi_1) * d1_0
+
+
+def _check_steps(num_sampling_steps: object) -> None:
+    if not isinstance(num_sampling_steps, int) or num_sampling_steps < SOLVER_ORDER:
+        raise ConfigError(
+            f"scheduler.num_sampling_steps={num_sampling_steps!r} must be an integer >= {SOLVER_ORDER} for dpm-solver"
+        )

@@ -1,4 +1,4 @@
-"""Improved DDPM (Open-Sora v1.0/v1.1's `iddpm`, and `iddpm-speed`): hybrid training loss and ancestral sampling.
+"""Improved DDPM (Open-Sora v1.0/v1.1's `iddpm`, and `iddpm-speed`): hybrid training loss and ancestral sampling steps.
 
 Convention: integer timesteps t in [0, N) of a (possibly respaced) discrete VP chain;
 x_t = sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * noise. The model predicts noise in its
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opensora_core.errors import ConfigError
-from opensora_core.schedulers.rflow import guided_model_args, mean_flat
+from opensora_core.schedulers.frames import FrameMasks, mean_flat
 
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
@@ -122,7 +122,7 @@ def _extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
 
 
 class IDDPM:
-    """Open-Sora's `iddpm` scheduler: `training_losses` for training, `sample` for generation."""
+    """Open-Sora's `iddpm` scheduler: `training_losses` for training; `set_timesteps` and `step` for sampling."""
 
     def __init__(
         self,
@@ -160,16 +160,23 @@ class IDDPM:
         self.cfg_scale = cfg_scale
         self.cfg_channel = cfg_channel
 
+        self.noise_schedule = noise_schedule
+        self.diffusion_steps = diffusion_steps
+        self._respace(timestep_respacing)
+
+    def _respace(self, timestep_respacing: str | Sequence[int]) -> None:
         # Respacing keeps a subset of the full chain's timesteps and recomputes the betas between
         # them, so the kept steps have the same alphas_cumprod as in the full chain.
-        full_alphas_cumprod = torch.cumprod(1.0 - beta_schedule(noise_schedule, diffusion_steps), dim=0)
-        kept = respaced_timesteps(diffusion_steps, timestep_respacing)
+        betas = beta_schedule(self.noise_schedule, self.diffusion_steps)
+        full_alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        kept = respaced_timesteps(self.diffusion_steps, timestep_respacing)
         if len(kept) < 2:
             raise ConfigError(f"scheduler.timestep_respacing={timestep_respacing!r}: needs at least 2 steps")
         self.timestep_map = torch.tensor(kept)  # respaced index -> the timestep the model is given
         kept_cumprod = full_alphas_cumprod[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), kept_cumprod[:-1]])
         self._build_tables((1 - kept_cumprod / previous).float())
+        self.timesteps = self.timestep_map.flip(0)[:, None]  # set per batch by set_timesteps
 
     def _build_tables(self, betas: Tensor) -> None:
         # float32 throughout, as Open-Sora stores the respaced betas as a FloatTensor
@@ -346,82 +353,57 @@ class IDDPM:
 
     # -- sampling ------------------------------------------------------------------------------------
 
-    def guided_output(
-        self, model: Callable[..., Tensor], x: Tensor, t: Tensor, model_args: dict[str, Any], scale: float
-    ) -> Tensor:
-        """Model output for x [B] with classifier-free guidance on the first `cfg_channel` channels.
-
-        The model sees [x, x] with [captions, null captions]; channels past `cfg_channel` (the variance,
-        and with cfg_channel=3 the 4th latent channel too) are taken from the conditional half.
-        """
-        B = x.shape[0]
-        out = model(torch.cat([x, x], 0), torch.cat([t, t], 0), **model_args)
-        channels = out.shape[1] // 2 if self.cfg_channel is None else self.cfg_channel
-        if channels > out.shape[1]:
-            raise ValueError(
-                f"scheduler.cfg_channel={channels} exceeds the model's {out.shape[1]} output channels"
-            )
-        eps, rest = out[:, :channels], out[:, channels:]
-        cond, uncond = torch.split(eps, B, dim=0)
-        return torch.cat([uncond + scale * (cond - uncond), rest[:B]], dim=1)
-
-    @torch.no_grad()
-    def sample(
+    def set_timesteps(
         self,
-        model: Callable[..., Tensor],
-        text_encoder: Any,
-        z: Tensor,
-        prompts: list[str],
-        device: torch.device | str,
-        additional_args: dict[str, Any] | None = None,
-        mask: Tensor | None = None,
-        progress: bool = True,
+        num_sampling_steps: int | None = None,
+        device: torch.device | str | None = None,
+        *,
+        batch_size: int = 1,
+        model_args: dict[str, Any] | None = None,
+    ) -> None:
+        """`timesteps` [steps, B]: the full-chain timesteps the model is given, from the last kept one
+        down to 0. A step count other than the chain's respaces it (and so the training chain too)."""
+        if num_sampling_steps is not None and num_sampling_steps != self.num_timesteps:
+            self._respace(str(num_sampling_steps))
+        self.timesteps = self.timestep_map.flip(0)[:, None].repeat(1, batch_size).to(device)
+
+    def _chain_index(self, timesteps: Tensor) -> Tensor:
+        """Full-chain timesteps the model is given -> indices of the (respaced) chain."""
+        return torch.searchsorted(self.timestep_map.to(timesteps.device), timesteps)
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: Tensor,
+        sample: Tensor,
         generator: torch.Generator | None = None,
-        guidance_scale: float | None = None,
     ) -> Tensor:
-        """Ancestral sampling from noise `z` [B, C, T, H, W] to latents for `prompts`, guided by the null caption.
+        """Draw x_{t-1} from p(x_{t-1} | x_t) given the model's raw (guided) output; no noise at t = 0.
 
-        `mask` [B, T] float per latent frame: 1 = generate, 0 = keep z's frame (a condition), in between
-        = keep it until step index mask * N, re-noise it there and generate it from then on.
-        Open-Sora runs this loop on the doubled CFG batch; its noise is drawn at that size and cut to
-        the first half, so a seeded run matches theirs.
+        Open-Sora runs its loop on the doubled guidance batch; its noise is drawn at that size and cut
+        to the first half, so a seeded run matches theirs.
         """
-        scale = self.cfg_scale if guidance_scale is None else guidance_scale
-        model_args = guided_model_args(text_encoder, prompts, additional_args)
-        caller_x_mask = model_args.pop("x_mask", None)
-        if caller_x_mask is not None and caller_x_mask.shape[0] == z.shape[0]:
-            caller_x_mask = torch.cat([caller_x_mask, caller_x_mask], 0)
-        if mask is not None:
-            # the step index at which each frame starts being generated
-            mask_t = (mask.to(device=z.device, dtype=torch.float32) * self.num_timesteps).to(torch.int32)
+        t = self._chain_index(timestep)
+        mean, log_variance, _ = self.p_mean_variance(model_output, sample, t)
+        noise = _randn(sample, 2 * sample.shape[0], generator)
+        nonzero = (t != 0).float().view(-1, *([1] * (sample.dim() - 1)))
+        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
 
-        steps = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """x_t for the full-chain timesteps [B] the model is given (entries of `timesteps`)."""
+        return self.q_sample(original_samples, self._chain_index(timesteps), noise)
 
-            steps = tqdm(steps, desc="sampling")
-        x = z
-        for i in steps:
-            t = torch.full((x.shape[0],), i, device=z.device, dtype=torch.long)
-            x_mask = caller_x_mask
-            if mask is not None:
-                x0 = x.clone()
-                fresh = _randn(x, 2 * x.shape[0], generator)
-                x_noise = x0 * _extract(self.sqrt_alphas_cumprod, t, x.dim()) + fresh * _extract(
-                    self.sqrt_one_minus_alphas_cumprod, t, x.dim()
-                )
-                x = torch.where((mask_t == i)[:, None, :, None, None], x_noise, x0)
-                active = mask_t > i  # frames generated at this step; the rest are seen as clean (t = 0)
-                x_mask = torch.cat([active, active], 0)
-            args = model_args if x_mask is None else {**model_args, "x_mask": x_mask}
-            out = self.guided_output(model, x, self.model_timesteps(t), args, scale)
-            mean, log_variance, _ = self.p_mean_variance(out, x, t)
-            noise = _randn(x, 2 * x.shape[0], generator)
-            nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))  # no noise on the last step
-            x = mean + nonzero * torch.exp(0.5 * log_variance) * noise
-            if mask is not None:
-                x = torch.where((mask_t < i)[:, None, :, None, None], x0, x)
-        return x
+    def noise_like(self, sample: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fresh noise for re-noising condition frames, drawn at the doubled batch size as in `step`."""
+        return _randn(sample, 2 * sample.shape[0], generator)
+
+    def frame_masks(self, mask: Tensor, index: int) -> FrameMasks:
+        """At step `index` (chain index i = N - 1 - index), for `mask` [B, T] (1 = generate, 0 = keep,
+        in between = keep until chain index mask * N): a frame is re-noised at its own index, generated
+        below it and kept above it, as Open-Sora does."""
+        start = (mask.to(torch.float32) * self.num_timesteps).to(torch.int32)
+        i = self.num_timesteps - 1 - index
+        return FrameMasks(renoise=start == i, generate=start > i, keep=start < i)
 
 
 class IDDPMSpeed(IDDPM):

@@ -1,4 +1,4 @@
-"""Rectified flow (Open-Sora v1.2's `rflow`): training loss and Euler sampling with classifier-free guidance.
+"""Rectified flow (Open-Sora v1.2's `rflow`): training loss and Euler sampling steps.
 
 Convention: t in [0, num_timesteps]; x_t = (1 - t/N) * x0 + (t/N) * noise; the model predicts the
 velocity x0 - noise, and sampling integrates from t = N (noise) down to 0.
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from opensora_core.errors import ConfigError
+from opensora_core.schedulers.frames import FrameMasks, mean_flat
 
 SAMPLE_METHODS = ("uniform", "logit-normal")
 
@@ -56,28 +57,8 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor, num_timesteps: int = 1000) -
     return keep * x0 + (1 - keep) * noise
 
 
-def mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean over all but the batch dim; with a frame mask [B, T], only over frames where mask is True."""
-    if mask is None:
-        return x.mean(dim=list(range(1, x.dim())))
-    B, C, T = x.shape[:3]
-    per_frame = x.transpose(1, 2).reshape(B, T, -1)  # [B, T, C*H*W]
-    m = mask.to(x.dtype)
-    return (per_frame * m[:, :, None]).sum(dim=(1, 2)) / (m.sum(dim=1) * per_frame.shape[-1])
-
-
-def guided_model_args(text_encoder: Any, prompts: list[str], additional_args: dict[str, Any] | None) -> dict:
-    """Model kwargs for a classifier-free-guidance batch: captions then null captions in `y`, plus extras."""
-    model_args = dict(text_encoder.encode(prompts))
-    null = text_encoder.null(len(prompts)).to(model_args["y"])
-    model_args["y"] = torch.cat([model_args["y"], null], 0)
-    if additional_args is not None:
-        model_args.update(additional_args)
-    return model_args
-
-
 class RFlow:
-    """Open-Sora's `rflow` scheduler: `training_losses` for training, `sample` for generation."""
+    """Open-Sora's `rflow` scheduler: `training_losses` for training; `set_timesteps` and `step` for sampling."""
 
     def __init__(
         self,
@@ -106,6 +87,8 @@ class RFlow:
         self.loc = loc
         self.scale = scale
         self.transform_scale = transform_scale
+        self.timesteps: Tensor = torch.empty(0)  # set by set_timesteps
+        self._step_index = 0
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -173,72 +156,61 @@ class RFlow:
             num_timesteps=self.num_timesteps,
         )
 
-    def timesteps(
-        self, batch: int, device: torch.device, additional_args: dict[str, Any] | None = None
-    ) -> list[Tensor]:
-        """The sampling schedule: N, N*(1-1/steps), ..., per sample [B] (after the transform when on)."""
+    def set_timesteps(
+        self,
+        num_sampling_steps: int | None = None,
+        device: torch.device | str | None = None,
+        *,
+        batch_size: int = 1,
+        model_args: dict[str, Any] | None = None,
+    ) -> None:
+        """`timesteps` [steps, B]: N, N*(1-1/steps), ... per sample, shifted by the transform when on
+        (it reads height, width and num_frames from `model_args`)."""
+        if num_sampling_steps is not None:
+            self.num_sampling_steps = num_sampling_steps
         steps = [
             (1.0 - i / self.num_sampling_steps) * self.num_timesteps for i in range(self.num_sampling_steps)
         ]
         if self.use_discrete_timesteps:
             steps = [float(round(s)) for s in steps]
-        out = [torch.full((batch,), s, device=device) for s in steps]
+        rows = [torch.full((batch_size,), s, device=device) for s in steps]
         if self.use_timestep_transform:
-            out = [self._transform(t, additional_args or {}) for t in out]
-        return out
+            rows = [self._transform(t, model_args or {}) for t in rows]
+        self.timesteps = torch.stack(rows)
+        self._step_index = 0
 
-    @torch.no_grad()
-    def sample(
+    def step(
         self,
-        model: Callable[..., Tensor],
-        text_encoder: Any,
-        z: Tensor,
-        prompts: list[str],
-        device: torch.device | str,
-        additional_args: dict[str, Any] | None = None,
-        mask: Tensor | None = None,
-        progress: bool = True,
+        model_output: Tensor,
+        timestep: Tensor,
+        sample: Tensor,
         generator: torch.Generator | None = None,
-        guidance_scale: float | None = None,
     ) -> Tensor:
-        """Integrate noise `z` [B, C, T, H, W] to latents for `prompts`, guided by the null caption.
+        """One Euler step from `timestep` [B] to the next one (to 0 after the last) along the velocity
+        in the first half of `model_output`'s channels. Deterministic: `generator` is unused."""
+        velocity = model_output.chunk(2, dim=1)[0]
+        i = self._step_index
+        dt = timestep - self.timesteps[i + 1] if i + 1 < len(self.timesteps) else timestep
+        self._step_index += 1
+        return sample + velocity * (dt / self.num_timesteps)[:, None, None, None, None]
 
-        `mask` [B, T] float per latent frame: 1 = generate, 0 = keep z's frame (a condition),
-        in between = re-noise that frame from t = mask * N onwards (partial edit).
-        """
-        scale = self.cfg_scale if guidance_scale is None else guidance_scale
-        model_args = guided_model_args(text_encoder, prompts, additional_args)
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """x_t for timesteps [B] in [0, num_timesteps]."""
+        return add_noise(original_samples, noise, timesteps, self.num_timesteps)
 
-        timesteps = self.timesteps(z.shape[0], z.device, additional_args)
-        if mask is not None:
-            mask = mask.to(z.device)
-            noise_added = mask == 1  # frames to generate start from the given noise
+    def noise_like(self, sample: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fresh noise for re-noising condition frames, drawn in float32 on the generator's device."""
+        noise = torch.randn(sample.shape, generator=generator, device=_gen_device(generator, sample))
+        return noise.to(device=sample.device, dtype=sample.dtype)
 
-        steps = enumerate(timesteps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, total=len(timesteps), desc="sampling")
-        for i, t in steps:
-            if mask is not None:
-                mask_t = mask * self.num_timesteps
-                x0 = z.clone()
-                noise = torch.randn(z.shape, generator=generator, device=_gen_device(generator, z))
-                x_noise = add_noise(x0, noise.to(device=z.device, dtype=z.dtype), t, self.num_timesteps)
-                active = mask_t >= t[:, None]  # frames being generated at this step
-                model_args["x_mask"] = active.repeat(2, 1)
-                z = torch.where((active & ~noise_added)[:, None, :, None, None], x_noise, x0)
-                noise_added = active
-
-            pred = model(torch.cat([z, z], 0), torch.cat([t, t], 0), **model_args).chunk(2, dim=1)[0]
-            cond, uncond = pred.chunk(2, dim=0)
-            v = uncond + scale * (cond - uncond)
-
-            dt = (t - timesteps[i + 1]) if i + 1 < len(timesteps) else t
-            z = z + v * (dt / self.num_timesteps)[:, None, None, None, None]
-            if mask is not None:
-                z = torch.where(active[:, None, :, None, None], z, x0)
-        return z
+    def frame_masks(self, mask: Tensor, index: int) -> FrameMasks:
+        """At step `index`, for `mask` [B, T] (1 = generate, 0 = keep, in between = re-noise from
+        t = mask * N on): a frame is generated once t has fallen to mask * N, and re-noised on the
+        step it starts being generated (frames with mask 1 start from the initial noise)."""
+        level = mask * self.num_timesteps
+        generate = level >= self.timesteps[index][:, None]
+        before = mask == 1 if index == 0 else level >= self.timesteps[index - 1][:, None]
+        return FrameMasks(renoise=generate & ~before, generate=generate, keep=~generate)
 
 
 def _gen_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
