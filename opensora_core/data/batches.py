@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from opensora_core.errors import ConfigError
-from opensora_core.parallel.sequence import parallel_layout
+from opensora_core.parallel.layout import parallel_layout
 
 
 def build_batches(
