@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import DATA
 from safetensors.torch import save_file
 
 from opensora_core.errors import CheckpointError, ConfigError
@@ -21,7 +21,6 @@ from opensora_core.models.registry import build_model, count_parameters
 from opensora_core.models.stdit2 import STDIT2_MODELS, STDiT2, STDiT2_XL_2
 from opensora_core.schedulers.rflow import RFlow
 
-SPEC = Path("/work/shared/spec")
 SIZES = {"in_channels": 4, "caption_channels": 16, "model_max_length": 6}
 TINY = {
     "type": "STDiT2-XL/2",
@@ -65,7 +64,7 @@ def tiny_inputs(B: int = 2, T: int = 3, H: int = 8, W: int = 12) -> dict[str, to
 
 
 def test_state_dict_layout_matches_released_checkpoint():
-    entry = json.loads((SPEC / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
+    entry = json.loads((DATA / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
     kwargs = {k: v for k, v in entry["kwargs"].items() if k != "from_pretrained"}
     kwargs["input_size"] = tuple(kwargs["input_size"])
     with torch.device("meta"):
@@ -78,7 +77,7 @@ def test_state_dict_layout_matches_released_checkpoint():
 
 
 def test_registry_counts_parameters_with_the_released_settings():
-    entry = json.loads((SPEC / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
+    entry = json.loads((DATA / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
     assert count_parameters("STDiT2-XL/2") == entry["num_params"]
 
 
