@@ -351,10 +351,17 @@ def test_training_losses_with_condition_frames_reach_the_model_as_x_mask():
     x0 = inputs.pop("x")
     inputs.pop("timestep")
     mask = torch.tensor([[False, True, True], [True, True, True]])
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("x_mask")), with_kwargs=True
+    )
     loss = RFlow().training_losses(model, x0, inputs, mask=mask, generator=torch.Generator().manual_seed(0))
     assert loss["loss"].shape == (2,) and torch.isfinite(loss["loss"]).all()
+    assert len(seen) == 1 and torch.equal(seen[0], mask)
     loss["loss"].mean().backward()
-    assert model.blocks[0].scale_shift_table_temporal.grad is not None
+    grad = model.blocks[0].scale_shift_table_temporal.grad
+    assert grad.shape == model.blocks[0].scale_shift_table_temporal.shape
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_guided_sampling_uses_the_model_null_caption(tmp_path):
