@@ -40,7 +40,8 @@ from opensora_core.data.bucket import BucketConfig, assign_buckets
 from opensora_core.data.bucket_build import build_snapshot
 from opensora_core.data.manifest import bucket_config_hash
 
-CONFIG = "configs/opensora-v1-2/train/stage1.py"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs/opensora-v1-2/train/stage1.py"
 HEIGHTS = np.array([144, 240, 256, 360, 480, 512, 540, 720, 1024, 1080, 1440, 2048, 2160])
 RATIOS = np.array([16 / 9, 4 / 3, 1.0, 9 / 16, 3 / 4, 21 / 9, 2.39, 1.85, 5 / 4, 3 / 2, 2 / 3, 1.9])
 SEED = 42

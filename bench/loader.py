@@ -1,6 +1,7 @@
 """Benchmark: samples/s of the bucket snapshot loader next to the training step rate at demo shapes.
 
-The demo data (configs/opensora-v1-2/train/demo.py, `demo_data/`) is scanned, its rows repeated
+The demo data and tiny random weights of configs/opensora-v1-2/train/demo.py are generated into a
+temporary folder (as `opensora demo-data` writes them) and scanned, its rows repeated
 `--repeat` times (same files, so a full epoch is long enough to time), bucketed into a snapshot,
 and read one epoch through the training loader (VariableVideoTextDataset + BucketBatchSampler in
 a DataLoader with 2 workers, decoding and resizing). The trainer's rate is the demo model's
@@ -27,12 +28,15 @@ import torch
 
 from opensora_core.config import load_config
 from opensora_core.data.batches import SnapshotBatches
+from opensora_core.data.demo_data import make_demo_data
 from opensora_core.data.scan import scan
+from opensora_core.models.tiny_random import create_tiny_pretrained
 from opensora_core.stages import build_buckets
 from opensora_core.train import absolute_paths
 from opensora_core.train.step import CONDITION_KEYS
 
-CONFIG = "configs/opensora-v1-2/train/demo.py"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs/opensora-v1-2/train/demo.py"
 
 
 def repeated_metadata(meta: pa.Table, repeat: int) -> pa.Table:
@@ -99,10 +103,15 @@ def main() -> None:
 
     import ray
 
-    vcfg = load_config(CONFIG, {}, mode="train")
     work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
-        result = scan(Path("demo_data"), work / "demo.parquet", progress=False)
+        demo = make_demo_data(work / "demo_data")
+        tiny = create_tiny_pretrained(work / "demo_data" / "pretrained")
+        weights = {"vae.from_pretrained": str(tiny.vae), "text_encoder.from_pretrained": str(tiny.t5)}
+        vcfg = load_config(
+            CONFIG, {}, cfg_options={"dataset.data_path": str(demo.root), **weights}, mode="train"
+        )
+        result = scan(demo.root, work / "demo.parquet", progress=False)
         meta = repeated_metadata(pq.read_table(result.metadata_path), args.repeat)
         pq.write_table(meta, work / "meta.parquet")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

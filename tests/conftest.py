@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Files the tests compare against (reference outputs, released state-dict layouts); tests/data/README.md
+# says where each came from.
+DATA = Path(__file__).resolve().parent / "data"
 
 # Ports for test service stacks: below the kernel's ephemeral range (32768+), where Ray's raylet, GCS
 # and workers take ports as they start, and above Ray's worker ports (10002-19999). A port picked

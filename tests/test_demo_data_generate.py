@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import struct
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from opensora_core.data.demo_data import CLIP_SPECS, IMAGE_SPECS, DemoData, make_demo_data
+from opensora_core.data import demo_data
+from opensora_core.data.demo_data import CLIP_SPECS, IMAGE_SPECS, DemoData, make_demo_data, write_video
 from opensora_core.data.scan import errors_path_for, scan
 
 
@@ -107,6 +110,51 @@ def test_same_seed_writes_identical_bytes(demo: DemoData, tmp_path: Path) -> Non
     for first, second in zip(demo.media_paths, again.media_paths, strict=True):
         assert first.read_bytes() == second.read_bytes(), first.name
     assert demo.captions_csv.read_text() == again.captions_csv.read_text()
+
+
+def test_a_clip_encoded_again_in_the_same_process_has_the_same_bytes(tmp_path: Path) -> None:
+    # The first demo clip's frames: with all of x264's CPU features, encodes of them after the first one
+    # in a process came out different here (3 different files in 5).
+    rng = np.random.default_rng(0)
+    frames = demo_data._render_clip(demo_data._random_scene(rng), 240, 426, 24, rng)
+    assert frames.shape == (24, 240, 426, 3)
+    written = []
+    for attempt in range(5):
+        path = tmp_path / f"again{attempt}.mp4"
+        write_video(path, frames, 24)
+        written.append(path.read_bytes())
+    assert [len(b) for b in written] == [len(written[0])] * 5
+    assert written[1:] == written[:1] * 4
+
+
+def header_times(path: Path) -> dict[str, list[tuple[int, int]]]:
+    """(creation_time, modification_time) of every mvhd, tkhd and mdhd box of an MP4/MOV, by box type."""
+    data = path.read_bytes()
+    found: dict[str, list[tuple[int, int]]] = {"mvhd": [], "tkhd": [], "mdhd": []}
+
+    def walk(start: int, end: int) -> None:
+        while start + 8 <= end:
+            size, kind = struct.unpack(">I4s", data[start : start + 8])
+            name = kind.decode("latin-1")
+            if name in ("moov", "trak", "mdia"):
+                walk(start + 8, start + size)
+            elif name in found:
+                version = data[start + 8]
+                layout = ">QQ" if version == 1 else ">II"
+                found[name].append(struct.unpack_from(layout, data, start + 12))
+            start += size
+
+    walk(0, len(data))
+    return found
+
+
+def test_mp4_and_mov_headers_carry_no_wall_clock(demo: DemoData) -> None:
+    # FFmpeg writes the wall clock there only when creation_time is set; a date would change the bytes.
+    movies = [v.path for v in demo.videos if v.path.suffix in (".mp4", ".mov")]
+    assert len(movies) == 9
+    for path in movies:
+        times = header_times(path)
+        assert times == {"mvhd": [(0, 0)], "tkhd": [(0, 0)], "mdhd": [(0, 0)]}, path.name
 
 
 def test_demo_data_is_a_few_megabytes_at_most(demo: DemoData) -> None:

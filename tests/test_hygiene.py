@@ -66,7 +66,8 @@ def test_ordinary_keys_are_not_mistaken_for_credentials(name: str) -> None:
 
 
 def test_an_empty_or_false_credential_key_is_allowed(tmp_path: Path) -> None:
-    load_config(write(tmp_path, 'wandb_api_key = ""\nauth_token = None\n'))
+    cfg = load_config(write(tmp_path, 'wandb_api_key = ""\nauth_token = None\n'))
+    assert (cfg.raw["wandb_api_key"], cfg.raw["auth_token"]) == ("", None)
 
 
 def test_redact_url_keeps_scheme_host_and_path() -> None:

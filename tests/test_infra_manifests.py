@@ -133,11 +133,14 @@ def worker_container(job: dict[str, Any]) -> dict[str, Any]:
     return worker_group(job)["template"]["spec"]["containers"][0]
 
 
-def validate_cluster(config: dict[str, Any]) -> None:
-    """What `ray up` checks before it calls the cloud: Ray's defaults filled in, then Ray's schema."""
+def validate_cluster(config: dict[str, Any]) -> dict[str, Any]:
+    """What `ray up` checks before it calls the cloud: Ray's defaults filled in, then Ray's schema.
+    Returns the config with Ray's defaults, as `ray up` would use it."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(prepare_config(copy.deepcopy(config)))
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
 
 
 def validate_rayjob(job: dict[str, Any]) -> None:
@@ -161,7 +164,13 @@ def validate_rayjob(job: dict[str, Any]) -> None:
 
 
 def test_cluster_config_passes_ray_up_validation():
-    validate_cluster(load_cluster())
+    prepared = validate_cluster(load_cluster())
+    nodes = prepared["available_node_types"]
+    assert {name: (n["min_workers"], n["max_workers"], n["resources"]) for name, n in nodes.items()} == {
+        "head": (0, 0, {"CPU": 16, "GPU": 0}),  # Ray gives the head no workers of its own type
+        "gpu_h100x8": (2, 4, {"CPU": 192, "GPU": 8}),
+    }
+    assert (prepared["head_node_type"], prepared["max_workers"]) == ("head", 4)
 
 
 @pytest.mark.parametrize(

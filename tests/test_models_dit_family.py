@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 from safetensors.torch import save_file
 
 from opensora_core.errors import ConfigError
@@ -22,7 +22,6 @@ from opensora_core.models.stdit import STDiT_XL_2
 from opensora_core.sample.sampling_loop import sample_latents
 from opensora_core.schedulers import build_scheduler
 
-SPEC = Path("/work/shared/spec")
 RELEASED = ("STDiT-XL/2", "DiT-XL/2", "Latte-XL/2", "PixArt-XL/2")
 NEW_TYPES = (
     "STDiT-XL/2",
@@ -93,7 +92,7 @@ def pooled_inputs(T: int = 4, H: int = 4, W: int = 4) -> dict[str, torch.Tensor]
 
 @pytest.mark.parametrize("name", RELEASED)
 def test_state_dict_layout_matches_released_checkpoints(name):
-    entry = json.loads((SPEC / "state-dicts.json").read_text())["models"][name]
+    entry = json.loads((DATA / "state-dicts.json").read_text())["models"][name]
     kwargs = {k: v for k, v in entry["kwargs"].items() if k != "from_pretrained"}
     kwargs["input_size"] = tuple(kwargs["input_size"])
     with torch.device("meta"):
@@ -108,7 +107,7 @@ def test_state_dict_layout_matches_released_checkpoints(name):
 
 @pytest.mark.parametrize("name", RELEASED)
 def test_count_parameters_uses_the_released_settings(name):
-    entry = json.loads((SPEC / "state-dicts.json").read_text())["models"][name]
+    entry = json.loads((DATA / "state-dicts.json").read_text())["models"][name]
     assert count_parameters(name) == entry["num_params"]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import av
 import pytest
 import torch
+from conftest import DATA
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,7 +34,6 @@ from opensora_core.train import TrainResult
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = Path("/work/shared/spec")
 ALL_CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.py"))
 T5_XXL_DIM = 4096  # caption_channels of the published configs' DeepFloyd/t5-v1_1-xxl
 PROMPT = "a red ball rolls across the sand"
@@ -454,7 +454,7 @@ def test_every_model_type_is_trained_or_sampled_here(tmp_path: Path) -> None:
 
 
 def released(type_name: str) -> dict[str, Any]:
-    return json.loads((SPEC / "state-dicts.json").read_text())["models"][type_name]
+    return json.loads((DATA / "state-dicts.json").read_text())["models"][type_name]
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=str)

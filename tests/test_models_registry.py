@@ -189,7 +189,8 @@ def test_unreadable_weights_file_is_a_checkpoint_error(tmp_path):
 
 def test_opensora_models_lists_every_registered_type_with_its_count(capsys):
     import json
-    from pathlib import Path
+
+    from conftest import DATA
 
     from opensora_core.cli import main as cli_main
     from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES
@@ -201,7 +202,7 @@ def test_opensora_models_lists_every_registered_type_with_its_count(capsys):
         name, count = line.split()[:2]
         counts[name] = int(count.replace(",", ""))
     assert list(counts) == [*MODEL_TYPES, *VAE_TYPES, *TEXT_ENCODER_TYPES, *SCHEDULER_TYPES]
-    released = json.loads(Path("/work/shared/spec/state-dicts.json").read_text())["models"]
+    released = json.loads((DATA / "state-dicts.json").read_text())["models"]
     for name, entry in released.items():
         assert counts[name] == entry["num_params"], name
     assert counts["t5"] == 4_762_310_656  # T5 v1.1 XXL encoder

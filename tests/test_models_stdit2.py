@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import DATA
 from safetensors.torch import save_file
 
 from opensora_core.errors import CheckpointError, ConfigError
@@ -22,7 +22,6 @@ from opensora_core.models.stdit2 import STDIT2_MODELS, STDiT2, STDiT2_XL_2
 from opensora_core.sample.sampling_loop import sample_latents
 from opensora_core.schedulers.rflow import RFlow
 
-SPEC = Path("/work/shared/spec")
 SIZES = {"in_channels": 4, "caption_channels": 16, "model_max_length": 6}
 TINY = {
     "type": "STDiT2-XL/2",
@@ -66,7 +65,7 @@ def tiny_inputs(B: int = 2, T: int = 3, H: int = 8, W: int = 12) -> dict[str, to
 
 
 def test_state_dict_layout_matches_released_checkpoint():
-    entry = json.loads((SPEC / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
+    entry = json.loads((DATA / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
     kwargs = {k: v for k, v in entry["kwargs"].items() if k != "from_pretrained"}
     kwargs["input_size"] = tuple(kwargs["input_size"])
     with torch.device("meta"):
@@ -79,7 +78,7 @@ def test_state_dict_layout_matches_released_checkpoint():
 
 
 def test_registry_counts_parameters_with_the_released_settings():
-    entry = json.loads((SPEC / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
+    entry = json.loads((DATA / "state-dicts.json").read_text())["models"]["STDiT2-XL/2"]
     assert count_parameters("STDiT2-XL/2") == entry["num_params"]
 
 
@@ -353,10 +352,17 @@ def test_training_losses_with_condition_frames_reach_the_model_as_x_mask():
     x0 = inputs.pop("x")
     inputs.pop("timestep")
     mask = torch.tensor([[False, True, True], [True, True, True]])
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("x_mask")), with_kwargs=True
+    )
     loss = RFlow().training_losses(model, x0, inputs, mask=mask, generator=torch.Generator().manual_seed(0))
     assert loss["loss"].shape == (2,) and torch.isfinite(loss["loss"]).all()
+    assert len(seen) == 1 and torch.equal(seen[0], mask)
     loss["loss"].mean().backward()
-    assert model.blocks[0].scale_shift_table_temporal.grad is not None
+    grad = model.blocks[0].scale_shift_table_temporal.grad
+    assert grad.shape == model.blocks[0].scale_shift_table_temporal.shape
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_guided_sampling_uses_the_model_null_caption(tmp_path):

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 from safetensors.torch import load_file
 
 from opensora_core.models.stdit3 import STDIT3_MODELS, STDiT3, STDiT3_XL_2
 
-SPEC = Path("/work/shared/spec")
-REFERENCE = SPEC / "reference-outputs" / "stdit3"
+REFERENCE = DATA / "reference-outputs" / "stdit3"
 
 
 def reference_model() -> STDiT3:
@@ -64,7 +63,7 @@ def test_reference_model_parameter_count_matches_meta():
 
 @pytest.mark.parametrize("name", ["STDiT3-XL/2", "STDiT3-3B/2"])
 def test_state_dict_layout_matches_released_checkpoints(name):
-    entry = json.loads((SPEC / "state-dicts.json").read_text())["models"][name]
+    entry = json.loads((DATA / "state-dicts.json").read_text())["models"][name]
     kwargs = {k: v for k, v in entry["kwargs"].items() if k != "from_pretrained"}
     kwargs["input_size"] = tuple(kwargs["input_size"])
     with torch.device("meta"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import av
 import pytest
 import torch
+from conftest import DATA
 from safetensors.torch import load_file, save_file
 
 from opensora_core.errors import CheckpointError, ConfigError
@@ -24,8 +25,7 @@ from opensora_core.models.vae_pipeline import (
 from opensora_core.models.vae_temporal import CausalConv3d, VAE_Temporal_SD
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = Path("/work/shared/spec")  # as the other model tests
-RELEASED = json.loads((SPEC / "state-dicts.json").read_text())["models"]
+RELEASED = json.loads((DATA / "state-dicts.json").read_text())["models"]
 
 
 def released_layout(type_name: str) -> list[tuple[str, list[int]]]:

@@ -253,8 +253,17 @@ def test_build_scheduler_reads_the_config():
 
 def test_every_scheduler_type_builds_with_its_defaults():
     assert SCHEDULER_TYPES == ("iddpm", "iddpm-speed", "dpm-solver", "rflow")
-    for type_name in SCHEDULER_TYPES:
-        assert build_scheduler({"type": type_name}) is not None
+    built = {type_name: build_scheduler({"type": type_name}) for type_name in SCHEDULER_TYPES}
+    assert {name: type(s).__name__ for name, s in built.items()} == {
+        "iddpm": "IDDPM",
+        "iddpm-speed": "IDDPMSpeed",
+        "dpm-solver": "DPMSolver",
+        "rflow": "RFlow",
+    }
+    assert {name: s.cfg_scale for name, s in built.items()} == dict.fromkeys(SCHEDULER_TYPES, 4.0)
+    assert (built["rflow"].num_sampling_steps, built["dpm-solver"].num_sampling_steps) == (10, 20)
+    # iddpm without num_sampling_steps or timestep_respacing samples the full 1000-step chain
+    assert len(built["iddpm"].timestep_map) == len(built["iddpm-speed"].timestep_map) == 1000
 
 
 def test_unknown_scheduler_type_lists_valid_names():

@@ -141,13 +141,20 @@ def test_checkpoints_every_ckpt_every_steps_and_at_the_end(two_workers):
 
 
 def test_checkpoint_weights_load_into_the_configured_model(env, two_workers):
+    import torch
+    from safetensors.torch import load_file
+
     from opensora_core.models.registry import build_model, load_model_weights
 
     model = build_model(
         dict(tiny_config(env["pretrained"]).model), in_channels=4, caption_channels=32, model_max_length=8
     )
     for name in ("model.safetensors", "ema.safetensors"):
+        saved = load_file(Path(two_workers[0].checkpoint) / name)
         load_model_weights(model, Path(two_workers[0].checkpoint) / name, type_name="STDiT3-XL/2")
+        loaded = model.state_dict()
+        assert sorted(loaded) == sorted(saved)
+        assert all(torch.equal(loaded[key], saved[key]) for key in saved), name
 
 
 def test_mlflow_run_has_step_metrics_bucket_and_checkpoint_tags(two_workers):

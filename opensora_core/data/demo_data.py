@@ -8,6 +8,7 @@ on purpose so a scan always has one error to report.
 from __future__ import annotations
 
 import csv
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,12 @@ IMAGE_SPECS: tuple[tuple[str, int, int, str], ...] = (
     ("image_360p_portrait", 640, 360, "jpg"),
 )
 CORRUPT_NAME = "broken.mp4"
+
+# x264's CPU features. With all it detects on a recent x86 CPU (AVX2, AVX-512, cache-line variants) its
+# output depends on memory left by earlier work: a second encode in one process can give other bytes.
+# Up to SSE2 it gives exactly the bytes of its plain C code, at about the speed of the full set; other
+# machines get the plain C code itself. Either way the bytes depend on the frames only.
+X264_ASM = "MMX2,SSE,SSE2" if platform.machine().lower() in ("x86_64", "amd64") else "0"
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -215,13 +222,14 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
     codec = video_codec_for(path)
     _, height, width, _ = frames.shape
     # bitexact: no random Matroska UIDs and no library version strings, so the bytes depend on the seed only.
+    # No creation_time is set, so MP4/MOV headers hold 0 there (1904-01-01), never the wall clock.
     with av.open(str(path), "w", container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # One encoder thread keeps the bytes identical from run to run.
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "28"}
+            stream.options = {"preset": "veryfast", "crf": "28", "x264-params": f"asm={X264_ASM}"}
         else:
             stream.codec_context.bit_rate = 400_000
         for frame in frames:
