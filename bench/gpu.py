@@ -18,7 +18,7 @@ A part that fails records its error and the others still run; a part that needs 
 (diffusers, deepspeed, flash-attn, apex) says so and is skipped. The JSON line printed at the end is
 also written to --out (default: $OUT/gpu.json when $OUT is set, else bench_gpu.json), and rewritten
 after every part, so a run cut short still leaves what it measured. Only torch, transformers and
-the project's models / schedulers / DeepSpeed config are imported, so it runs where Ray, Prefect,
+the project's models, schedulers, train step (`train/step.py`) and DeepSpeed config are imported, so it runs where Ray, Prefect,
 MLflow and mmengine are absent (bench/gpu_wheels.sh fetches the small optional wheels).
 The "ratio" of this benchmark is the fast path's step time over the fallback's (fp32, math
 attention) on the same model and inputs: above 1 means the GPU path is faster.
@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 from opensora_core.models.registry import T5_XXL_CONFIG, build_model  # noqa: E402
 from opensora_core.sample.sampling_loop import sample_latents  # noqa: E402
 from opensora_core.schedulers.rflow import RFlow  # noqa: E402
+from opensora_core.train.step import diffusion_loss  # noqa: E402
 
 log = logging.getLogger("bench.gpu")
 
@@ -305,7 +306,7 @@ class Trainer:
         args = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in args.items()}
         context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with context:
-            return self.scheduler.training_losses(model, x, args)["loss"].mean()
+            return diffusion_loss(model, self.scheduler, x, args)
 
     def step(self, x: torch.Tensor, args: dict[str, Any], seed: int = 0) -> float:
         loss = self.loss(x, args, seed)
@@ -343,7 +344,7 @@ def step_flops(trainer: Trainer, spec: dict[str, Any], sizes: Sizes, x: torch.Te
     args = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in args.items()}
     context = torch.autocast(trainer.device.type, dtype=torch.bfloat16) if trainer.autocast else nullcontext()
     with FlopCounterMode(display=False) as counter, context:
-        trainer.scheduler.training_losses(module, x.to(dtype), args)["loss"].mean().backward()
+        diffusion_loss(module, trainer.scheduler, x.to(dtype), args).backward()
     return int(counter.get_total_flops())
 
 
