@@ -29,15 +29,14 @@ def load_bench():
     return sys.modules["bench_gpu"]
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("gpu") / "gpu.json"
-    blocker = f"import sys; sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINE!r})); "
+def run_dry(out: Path, *args: str, absent: tuple[str, ...] = ABSENT_ON_GPU_MACHINE) -> dict:
+    """bench/gpu.py --dry-run in a subprocess where the `absent` packages cannot be imported."""
+    blocker = f"import sys; sys.modules.update(dict.fromkeys({absent!r})); "
     runner = (
         blocker + "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     done = subprocess.run(
-        [sys.executable, "-c", runner, str(SCRIPT), "--dry-run", "--out", str(out)],
+        [sys.executable, "-c", runner, str(SCRIPT), "--dry-run", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -47,6 +46,11 @@ def dry_run(tmp_path_factory) -> dict:
     printed = json.loads(done.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == printed  # the last line printed is the file written
     return printed
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> dict:
+    return run_dry(tmp_path_factory.mktemp("gpu") / "gpu.json")
 
 
 def errors_in(value, path="") -> list[str]:
@@ -138,3 +142,22 @@ def test_unknown_part_is_refused_in_one_line():
         .splitlines()[-1]
         .endswith("--parts: unknown speed; valid: paths, train, encoders, fit")
     )
+
+
+@pytest.mark.slow
+def test_a_missing_optional_package_is_named_and_its_part_skipped(tmp_path):
+    report = run_dry(
+        tmp_path / "gpu.json", "--parts", "paths,encoders",
+        absent=(*ABSENT_ON_GPU_MACHINE, "deepspeed", "diffusers"),
+    )  # fmt: skip
+    assert report["packages"]["deepspeed"] is False and report["packages"]["diffusers"] is False
+    assert report["paths"]["deepspeed"] == {
+        "skipped": "deepspeed is not installed: ZeRO-2 with overlap_comm not measured"
+    }
+    assert set(report["paths"]["fast_vs_fallback"]["runs"]) == {"fallback_fp32_math", "fast_bf16"}
+    assert report["encoders"]["vae"] == {
+        "skipped": "diffusers is not installed: the v1.2 VAE (its SDXL image VAE) not measured"
+    }
+    assert report["encoders"]["sampling"]["s_per_video_with_decode"] is None  # no VAE to decode with
+    assert report["encoders"]["sampling"]["s_per_video_denoise"] > 0
+    assert errors_in(report) == []
