@@ -239,6 +239,37 @@ def _write_rows(
     return tuple(files)
 
 
+@dataclass
+class _SnapshotOrder:
+    """The rows in snapshot order: kept rows bucket by bucket (`bounds` between buckets), then those
+    sitting out; `rows(lo, hi)` gathers that slice from the unsorted metadata, bucket columns added."""
+
+    assignment: BucketAssignment
+    perm: np.ndarray  # snapshot position -> metadata row
+    num_kept: int
+    bounds: list[int]
+    rows: Callable[[int, int], pa.Table]
+
+    @classmethod
+    def of(cls, meta: pa.Table, assignment: BucketAssignment) -> _SnapshotOrder:
+        order = _order_key(assignment)
+        perm = _row_order(meta, order)
+        order = order[perm]
+        bucket_cols = _named_bucket_columns(assignment)
+        gather = _Gatherer(meta)
+
+        def rows(lo: int, hi: int) -> pa.Table:
+            part = gather(perm[lo:hi])
+            take = pa.array(perm[lo:hi])
+            for name, column in bucket_cols.items():
+                part = part.append_column(name, column.take(take))
+            return part
+
+        num_kept = int(np.searchsorted(order, _SITTING_OUT_ORDER))
+        starts = np.flatnonzero(np.r_[True, order[1:num_kept] != order[: num_kept - 1]]) if num_kept else []
+        return cls(assignment, perm, num_kept, [*map(int, starts), num_kept], rows)
+
+
 def build_snapshot(
     meta_path: str | Path,
     root: str | Path | Location,
@@ -281,32 +312,16 @@ def build_snapshot(
         if meta.num_rows
         else bucket_indices(meta, bucket_cfg, frame_interval, seed, epoch)
     )
-    assignment = BucketAssignment.from_indices(*(idx[c].to_numpy() for c in _INDEX_COLUMNS))
-    fingerprint = metadata_fingerprint(meta)
-    order = _order_key(assignment)
-    perm = _row_order(meta, order)
-    order = order[perm]
-    bucket_cols = _named_bucket_columns(assignment)
-
-    gather = _Gatherer(meta)
-
-    def rows(lo: int, hi: int) -> pa.Table:
-        """Rows lo..hi of the snapshot order: metadata plus bucket columns, gathered from the unsorted table."""
-        part = gather(perm[lo:hi])
-        take = pa.array(perm[lo:hi])
-        for name, column in bucket_cols.items():
-            part = part.append_column(name, column.take(take))
-        return part
-
-    num_kept = int(np.searchsorted(order, _SITTING_OUT_ORDER))
+    snapshot = _SnapshotOrder.of(
+        meta, BucketAssignment.from_indices(*(idx[c].to_numpy() for c in _INDEX_COLUMNS))
+    )
+    num_kept, bounds = snapshot.num_kept, snapshot.bounds
     if num_kept == 0 and meta.num_rows:
         raise ConfigError(
             f"bucket_config: keeps none of the {meta.num_rows} samples of {meta_path} (each has too few "
             "pixels for its resolutions or too few frames for their lengths, or lost its keep_prob draws)"
         )
-    starts = np.flatnonzero(np.r_[True, order[1:num_kept] != order[: num_kept - 1]]) if num_kept else []
-    bounds = [*map(int, starts), num_kept]
-
+    fingerprint = metadata_fingerprint(meta)
     content = f"{config_hash}|{fingerprint}|{seed}|{epoch}|{frame_interval}"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     snapshot_id = f"{stamp}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
@@ -320,15 +335,21 @@ def build_snapshot(
         # pyarrow writes without the GIL: shards (and the report plot) are written by all cores.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for lo, hi in zip(bounds, bounds[1:], strict=False):
-                key = assignment.key(int(perm[lo]))
+                key = snapshot.assignment.key(int(snapshot.perm[lo]))
                 assert key is not None  # kept rows come first
                 res, t, ar, (h, w) = key.resolution, key.num_frames, key.aspect_ratio, key.size
                 bs = int(bucket_cfg.batch_size(res, t))  # type: ignore[arg-type]
                 directory = tmp / key.id  # no `key=value` folders: see snapshot.py
                 stats.append(BucketStats(res, t, ar, h, w, hi - lo, bs, (hi - lo) // bs))
-                shards.append(pool.submit(_write_rows, rows, lo, hi, directory, tmp, rows_per_file))
+                shards.append(pool.submit(_write_rows, snapshot.rows, lo, hi, directory, tmp, rows_per_file))
             sitting_out_shards = pool.submit(
-                _write_rows, rows, num_kept, len(perm), tmp / SITTING_OUT_DIR, tmp, rows_per_file
+                _write_rows,
+                snapshot.rows,
+                num_kept,
+                len(snapshot.perm),
+                tmp / SITTING_OUT_DIR,
+                tmp,
+                rows_per_file,
             )
             manifest = Manifest(
                 snapshot_id=snapshot_id,
