@@ -56,18 +56,25 @@ _NOT_INHERITED = ("RAY_ADDRESS", "MLFLOW_", "PREFECT_API_URL", "OPENSORA_CACHE")
 class SharedRay:
     """One local Ray (2 CPUs, no dashboard) for every test that needs a Ray but no particular one.
 
-    Each `ray.init` costs 5-10 s on 2 cores (and a training module's first run as much again while its
-    workers warm up); the suite had twelve. Tests that need a Ray of their own are marked `own_ray`
-    (they say why): `stop()` runs before them and they are collected last, so the shared one starts once.
+    Each `ray.init` costs 5-10 s on 2 cores; the suite had eleven. Tests that need a Ray of their own are
+    marked `own_ray` (they say why): `stop()` runs before them and they are collected last.
+
+    A module that trains (Ray Train) gets a Ray that no other module trained on: on a Ray that had run
+    another module's trainings, a new run's TrainController was seen to wait for its workers for ever.
     """
 
     def __init__(self) -> None:
         self.starts = 0
+        self.trained = False  # whether a module has trained on the running one
 
-    def ensure(self) -> None:
-        """Start the shared Ray unless this process is connected to one."""
+    def ensure(self, *, trains: bool = False) -> None:
+        """Start the shared Ray unless this process is connected to one (or, for a module that `trains`,
+        unless the running one has served another module's training)."""
         import ray
 
+        if trains and self.trained:
+            self.stop()
+        self.trained = self.trained or trains
         if ray.is_initialized():
             return
         with pytest.MonkeyPatch.context() as mp:
@@ -90,6 +97,7 @@ class SharedRay:
 
         if ray.is_initialized():
             ray.shutdown()
+        self.trained = False
 
 
 _SHARED_RAY = SharedRay()

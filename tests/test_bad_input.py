@@ -252,7 +252,7 @@ def test_skipped_count_includes_failures_in_dataloader_worker_processes(tmp_path
 @pytest.fixture(scope="module")
 def ray_env(shared_ray, tmp_path_factory):
     """The session's local Ray (tests/conftest.py) and an MLflow SQLite store private to this module."""
-    shared_ray.ensure()
+    shared_ray.ensure(trains=True)
     root = tmp_path_factory.mktemp("ray")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")

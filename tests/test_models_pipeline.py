@@ -271,7 +271,7 @@ def local_ray(shared_ray):
     With an infra/local stack up, its dashboard agent holds port 52365; that Ray's agent then retries the
     port for ~10 s and runs without its HTTP server, which training does not use.
     """
-    shared_ray.ensure()
+    shared_ray.ensure(trains=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -180,7 +180,7 @@ def local_ray(shared_ray, tmp_path_factory):
     """The session's local Ray (tests/conftest.py), not the stack's head, and tiny weights."""
     from opensora_core.models.pretrained import create_tiny_pretrained
 
-    shared_ray.ensure()
+    shared_ray.ensure(trains=True)
     root = tmp_path_factory.mktemp("outage")
     return {"root": root, "pretrained": create_tiny_pretrained(root / "pretrained")}
 

@@ -42,7 +42,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs/opensora-v1-2/train
 @pytest.fixture(scope="module")
 def local_ray(shared_ray):
     """The session's local Ray (tests/conftest.py)."""
-    shared_ray.ensure()
+    shared_ray.ensure(trains=True)
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def env(shared_ray, tmp_path_factory):
     the training launcher forwards MLFLOW_TRACKING_URI and OPENSORA_CACHE to the workers."""
     import mlflow
 
-    shared_ray.ensure()
+    shared_ray.ensure(trains=True)
     root = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
