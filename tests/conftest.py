@@ -1,4 +1,5 @@
-"""Shared test helpers."""
+"""Shared test helpers, and the session's expensive parts: one local Ray (`shared_ray`) and one
+infra/local service stack (`service_stack`) for the e2e modules."""
 
 from __future__ import annotations
 
