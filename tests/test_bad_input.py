@@ -250,19 +250,14 @@ def test_skipped_count_includes_failures_in_dataloader_worker_processes(tmp_path
 
 
 @pytest.fixture(scope="module")
-def ray_env(tmp_path_factory):
-    """A local Ray (2 CPUs) and an MLflow SQLite store, private to this module."""
-    import ray
-
+def ray_env(shared_ray, tmp_path_factory):
+    """The session's local Ray (tests/conftest.py) and an MLflow SQLite store private to this module."""
+    shared_ray.ensure(trains=True)
     root = tmp_path_factory.mktemp("ray")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield root
-        finally:
-            ray.shutdown()
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -53,10 +53,9 @@ def metadata_table(n=600, seed=0):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(shared_ray):
+    """The session's local Ray (tests/conftest.py)."""
+    shared_ray.ensure()
 
 
 @pytest.fixture(scope="module")

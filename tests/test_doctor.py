@@ -88,14 +88,9 @@ def test_a_server_named_with_a_password_is_reached_without_printing_it(health_se
     assert "hunter2" not in out and "alice" not in out
 
 
-def test_ray_address_auto_is_checked_against_the_cluster_running_here(capsys, monkeypatch):
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        checks = service_checks({"RAY_ADDRESS": "auto"})
-    finally:
-        ray.shutdown()
+def test_ray_address_auto_is_checked_against_the_cluster_running_here(shared_ray, capsys, monkeypatch):
+    shared_ray.ensure()  # the session's local Ray (tests/conftest.py) is the cluster running here
+    checks = service_checks({"RAY_ADDRESS": "auto"})
     ray_check = next(c for c in checks if c.name == "ray cluster")
     assert ray_check.ok and ray_check.detail.startswith("RAY_ADDRESS=auto joins ")
     assert ray_check.detail.endswith(": port open")

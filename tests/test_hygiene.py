@@ -76,7 +76,10 @@ def test_redact_url_keeps_scheme_host_and_path() -> None:
     assert redact_url("/plain/path") == "/plain/path"
 
 
+# own_ray: Ray's state API needs its dashboard, and the secret must be in the environment that Ray's own
+# processes inherit when it starts (as for a command's local Ray), not only forwarded to the workers.
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_tracking_credentials_reach_the_workers_but_not_rays_state_or_logs(
     tmp_path: Path, monkeypatch
 ) -> None:

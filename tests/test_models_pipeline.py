@@ -264,22 +264,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyPretrained:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One new local Ray (2 CPUs, no dashboard) for every training run here, never a running cluster's.
+def local_ray(shared_ray):
+    """The session's local Ray (2 CPUs, no dashboard, tests/conftest.py) for every training run here,
+    never a running cluster's; no MLflow.
 
-    With an infra/local stack up, its dashboard agent holds port 52365; this Ray's agent then retries the
+    With an infra/local stack up, its dashboard agent holds port 52365; that Ray's agent then retries the
     port for ~10 s and runs without its HTTP server, which training does not use.
     """
-    import ray
-
+    shared_ray.ensure(trains=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+        yield
 
 
 def write_files(folder: Path, tiny: TinyPretrained, files: dict[str, str]) -> None:

@@ -6,6 +6,9 @@ import pytest
 
 from opensora_core.errors import ConfigError
 
+# own_ray: a Ray with two (declared) GPUs, and one that connect_ray itself starts.
+pytestmark = pytest.mark.own_ray
+
 
 @pytest.fixture
 def ray_with_two_gpus():

@@ -5,10 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -34,27 +32,10 @@ def client_env(state_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(service_ports):
-    # A short path under /tmp keeps Ray's Unix socket paths inside the AF_UNIX limit.
-    state_dir = Path(tempfile.mkdtemp(prefix="ope2e-", dir="/tmp"))
-    ports = service_ports(6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSORA_")}
-    env.update(
-        OPENSORA_STATE_DIR=str(state_dir),
-        OPENSORA_PREFECT_PORT=str(ports[0]),
-        OPENSORA_MLFLOW_PORT=str(ports[1]),
-        OPENSORA_RAY_PORT=str(ports[2]),
-        OPENSORA_RAY_DASHBOARD_PORT=str(ports[3]),
-        OPENSORA_RAY_CLIENT_PORT=str(ports[4]),
-        OPENSORA_RAY_AGENT_PORT=str(ports[5]),
-    )
-    try:
-        up = subprocess.run([str(LOCAL / "up")], env=env, capture_output=True, text=True, timeout=600)
-        assert up.returncode == 0, f"infra/local/up failed:\n{up.stdout}\n{up.stderr}"
-        yield state_dir, env
-    finally:
-        subprocess.run([str(LOCAL / "down")], env=env, capture_output=True, text=True, timeout=300)
-        shutil.rmtree(state_dir, ignore_errors=True)
+def stack(service_stack):
+    """The session's shared stack (tests/conftest.py), up: (state dir, environment `up` ran with)."""
+    service_stack.ensure_up()
+    return service_stack.state_dir, service_stack.env
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +95,8 @@ def test_train_deployment_run_completes(pipeline_run: dict) -> None:
 
 def test_prefect_shows_the_four_stages_as_task_runs(pipeline_run: dict) -> None:
     env = pipeline_run["env"]
-    flow_runs = prefect_api(env, "/flow_runs/filter", {"limit": 5})
+    # the shared stack's server also holds the other e2e modules' flow runs: this deployment's flow only
+    flow_runs = prefect_api(env, "/flow_runs/filter", {"flows": {"name": {"any_": ["train"]}}, "limit": 5})
     completed = [r for r in flow_runs if r["state_type"] == "COMPLETED"]
     assert completed, [r["state_type"] for r in flow_runs]
     task_runs = prefect_api(

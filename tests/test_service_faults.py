@@ -1,16 +1,14 @@
 """Service faults (issue 7): Prefect retries what is transient and fails clearly on a user's error; a
 real MLflow server or Prefect server that restarts mid-run costs neither the training nor its records.
 
-One stack for the module, on spare ports with its own state dir: an MLflow server, a Prefect server
-and a process worker (no Ray head: training here runs on a local Ray, as in test_train_distributed).
+The e2e modules' shared stack (tests/conftest.py) on spare ports with its own state dir: its MLflow
+server, Prefect server and process worker (training here runs on the session's local Ray, not its head).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,28 +43,11 @@ def restart(settings, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(service_ports):
-    # A short path under /tmp, as the other stacks use.
-    state_dir = Path(tempfile.mkdtemp(prefix="ofault-", dir="/tmp"))
-    prefect_port, mlflow_port = service_ports(2)
-    settings = services.Settings(state_dir=state_dir, prefect_port=prefect_port, mlflow_port=mlflow_port)
-    for sub in ("pids", "logs", "mlflow/artifacts", "prefect"):
-        (state_dir / sub).mkdir(parents=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")  # the worker polls for runs every 2 s, not 10
-        try:
-            for name in ("mlflow", "prefect-server"):  # independent: start both, then wait for each
-                services._start(settings, name, quiet)
-            for name in ("mlflow", "prefect-server"):
-                services._wait_healthy(settings, name)
-            services._ensure_work_pool(settings)
-            services._start(settings, "prefect-worker", quiet)
-            services._wait_healthy(settings, "prefect-worker")
-            yield settings
-        finally:
-            for name in reversed(services.SERVICE_NAMES):
-                services.stop_service(settings, name)
-            shutil.rmtree(state_dir, ignore_errors=True)
+def stack(service_stack):
+    """The session's shared stack (tests/conftest.py), up; its worker polls for runs every 2 s. The tests
+    that stop its MLflow or Prefect server start it again on the same port with the same state."""
+    service_stack.ensure_up()
+    return service_stack.settings
 
 
 @pytest.fixture(scope="module")
@@ -195,19 +176,13 @@ def test_records_a_server_never_took_are_reported_once_without_holding_training_
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    import ray
-
+def local_ray(shared_ray, tmp_path_factory):
+    """The session's local Ray (tests/conftest.py), not the stack's head, and tiny weights."""
     from opensora_core.models.tiny_random import create_tiny_pretrained
 
+    shared_ray.ensure(trains=True)
     root = tmp_path_factory.mktemp("outage")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield {"root": root, "pretrained": create_tiny_pretrained(root / "pretrained")}
-        finally:
-            ray.shutdown()
+    return {"root": root, "pretrained": create_tiny_pretrained(root / "pretrained")}
 
 
 def test_training_goes_on_while_mlflow_restarts_and_its_records_catch_up(stack, local_ray, monkeypatch):

@@ -6,11 +6,9 @@ import asyncio
 import ipaddress
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import urllib.error
 import urllib.request
@@ -59,27 +57,10 @@ def _is_alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack(service_ports):
-    # A short path under /tmp keeps Ray's Unix socket paths inside the AF_UNIX limit.
-    state_dir = Path(tempfile.mkdtemp(prefix="osvc-", dir="/tmp"))
-    ports = service_ports(6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSORA_")}
-    env.update(
-        OPENSORA_STATE_DIR=str(state_dir),
-        OPENSORA_PREFECT_PORT=str(ports[0]),
-        OPENSORA_MLFLOW_PORT=str(ports[1]),
-        OPENSORA_RAY_PORT=str(ports[2]),
-        OPENSORA_RAY_DASHBOARD_PORT=str(ports[3]),
-        OPENSORA_RAY_CLIENT_PORT=str(ports[4]),
-        OPENSORA_RAY_AGENT_PORT=str(ports[5]),
-    )
-    try:
-        result = _run("up", env)
-        assert result.returncode == 0, f"up failed:\n{result.stdout}\n{result.stderr}"
-        yield services.settings_from_env(env), env, result.stdout
-    finally:
-        _run("down", env)
-        shutil.rmtree(state_dir, ignore_errors=True)
+def stack(service_stack):
+    """The session's shared stack (tests/conftest.py), up: (settings, environment, what `up` printed)."""
+    service_stack.ensure_up()
+    return service_stack.settings, service_stack.env, service_stack.up_output
 
 
 def test_up_prints_urls_token_command_and_env_file(stack):
@@ -268,7 +249,7 @@ def test_every_service_process_listens_on_loopback_only(stack):
 
 
 def test_down_stops_every_process_and_frees_the_ports(stack):
-    # Runs last in this module: it takes the stack down.
+    # Runs last in this module: it takes the shared stack down (a later module's fixture brings it up again).
     settings, env, _ = stack
     leaders = [int(settings.pid_file(name).read_text()) for name in services.SERVICE_NAMES]
     every_pid = {pid for leader in leaders for pid in services._session_members(leader)}

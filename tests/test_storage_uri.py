@@ -37,10 +37,9 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs/opensora-v1-2/train
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(shared_ray):
+    """The session's local Ray (tests/conftest.py)."""
+    shared_ray.ensure(trains=True)
 
 
 @pytest.fixture

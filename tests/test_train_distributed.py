@@ -58,26 +58,23 @@ def tiny_config(pretrained, **overrides) -> Config:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A local Ray with 2 CPUs and an MLflow store, both private to this module."""
+def env(shared_ray, tmp_path_factory):
+    """The session's local Ray (2 CPUs, tests/conftest.py) and an MLflow store private to this module;
+    the training launcher forwards MLFLOW_TRACKING_URI and OPENSORA_CACHE to the workers."""
     import mlflow
-    import ray
 
+    shared_ray.ensure(trains=True)
     root = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("OPENSORA_CACHE", str(root / "cache"))
         mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            experiment = mlflow.MlflowClient().create_experiment("train-tests")
-            yield {
-                "root": root,
-                "experiment": experiment,
-                "pretrained": create_tiny_pretrained(root / "pretrained"),
-            }
-        finally:
-            ray.shutdown()
+        experiment = mlflow.MlflowClient().create_experiment("train-tests")
+        yield {
+            "root": root,
+            "experiment": experiment,
+            "pretrained": create_tiny_pretrained(root / "pretrained"),
+        }
 
 
 def run(env, name, num_workers, **overrides):
