@@ -187,3 +187,15 @@ def test_other_epoch_is_redrawn_with_assign_buckets():
 def test_plain_table_needs_config_and_frame_interval():
     with pytest.raises(ConfigError, match="needs bucket_cfg and frame_interval"):
         BucketBatchSampler(metadata())
+
+
+def test_each_epoch_has_its_own_number_of_batches_and_len_follows_set_epoch():
+    # keep_prob < 1 redraws the buckets every epoch, so an epoch's full batches are its own: the training
+    # loop takes len() after set_epoch (with one count for all epochs the demo ran out of batches in epoch 1)
+    sampler = BucketBatchSampler(snapshot_of(metadata()), drop_last=True)
+    lengths = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        lengths.append(len(sampler))
+        assert len(all_batches(sampler)) == lengths[-1]
+    assert len(set(lengths)) > 1, lengths

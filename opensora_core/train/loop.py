@@ -68,9 +68,11 @@ def train_loop_per_worker(job: TrainJob) -> None:
         if done:
             break
         loader.set_epoch(epoch)
+        # each epoch redraws the buckets (keep_prob, t_prob), so its number of full batches is its own
+        steps_per_epoch = len(loader) // grad_accum
         batches = iter(loader)  # starts after the micro-batches already consumed this epoch
         last_batch = None
-        for step in range(start_step, w.steps_per_epoch):
+        for step in range(start_step, steps_per_epoch):
             step_start = time.perf_counter()
             lr = w.optimizer.param_groups[0]["lr"]  # the rate this step applies
             step_loss = torch.zeros((), dtype=torch.float64, device=w.device)
@@ -107,7 +109,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
 
             step_metrics.add(step_loss)
             done = s.max_steps is not None and global_step >= s.max_steps
-            at_end = done or (epoch == s.epochs - 1 and step == w.steps_per_epoch - 1)
+            at_end = done or (epoch == s.epochs - 1 and step == steps_per_epoch - 1)
             log_now = global_step % s.log_every == 0 or at_end
             save_now = bool(s.ckpt_every and global_step % s.ckpt_every == 0) or at_end
 
@@ -172,7 +174,6 @@ class Worker:
     optimizer: Any  # DeepSpeed's (ZeRO) optimizer
     ema: torch.nn.Module | None  # fp32; only rank 0 keeps (and saves) it
     zero_stage: int
-    steps_per_epoch: int
     start: Position
 
 
@@ -215,8 +216,7 @@ def setup_worker(job: TrainJob) -> Worker:
         snapshot_dir=job.snapshot_dir, dataset=job.dataset, synthetic_data=job.synthetic_data,
         rank=rank, world_size=world_size, seed=s.seed, sp_size=s.sp_size, num_workers=s.num_workers,
     )  # fmt: skip
-    steps_per_epoch = len(loader) // s.grad_accum
-    if steps_per_epoch == 0:
+    if len(loader) // s.grad_accum == 0:
         raise RuntimeError(
             f"rank {rank}: the data gives no full step ({len(loader)} micro-batches, grad_accum {s.grad_accum})"
         )
@@ -262,7 +262,7 @@ def setup_worker(job: TrainJob) -> Worker:
     )  # fmt: skip
     return Worker(
         rank, world_size, layout, device, dtype, text_encoder, vae, scheduler, mask_generator,
-        loader, engine, optimizer, ema, zero_stage, steps_per_epoch, start,
+        loader, engine, optimizer, ema, zero_stage, start,
     )  # fmt: skip
 
 
