@@ -40,7 +40,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a plain checkout
 
 from opensora_core.models.registry import T5_XXL_CONFIG, build_model  # noqa: E402
+from opensora_core.models.text_encoder import LearnedNullCaption  # noqa: E402
 from opensora_core.sample.sampling_loop import sample_latents  # noqa: E402
 from opensora_core.schedulers.rflow import RFlow  # noqa: E402
 from opensora_core.train.step import diffusion_loss  # noqa: E402
@@ -86,7 +87,6 @@ class Sizes:
     fit_shape: str = "51x240p"
     fit_max_batch: int = 512
     fit_budget_s: float = 150.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 REAL = Sizes(
@@ -564,7 +564,7 @@ def vae_speed(vae: Any, sizes: Sizes, device: torch.device) -> dict[str, Any]:
     return out
 
 
-class RandomTokenT5:
+class RandomTokenT5(LearnedNullCaption):
     """T5 encoder at the released architecture with random weights on random token ids (no tokenizer
     download): the compute of encoding captions of `caption_tokens` tokens padded to `text_len`."""
 
@@ -576,7 +576,6 @@ class RandomTokenT5:
         self.model.eval().requires_grad_(False)
         self.sizes, self.device = sizes, device
         self.output_dim = config["d_model"]
-        self.y_embedder: torch.nn.Module | None = None
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -586,9 +585,6 @@ class RandomTokenT5:
         mask[:, : min(self.sizes.caption_tokens, length)] = 1
         y = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return {"y": y[:, None], "mask": mask}
-
-    def null(self, n: int) -> torch.Tensor:
-        return self.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
 
 
 def t5_speed(t5: RandomTokenT5, sizes: Sizes, device: torch.device) -> dict[str, Any]:
