@@ -1,4 +1,6 @@
-"""The `train` flow: scan → bucket → train → evaluate, one MLflow parent run with a child per stage."""
+"""The `train` flow: scan → bucket → (precompute) → train → evaluate, one MLflow parent run with a child
+per stage. Precompute runs when the config trains from features (`load_video_features` /
+`load_text_features`): it encodes only what changed since the current feature snapshot."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from prefect.runtime import flow_run
 
 from opensora_core import tracking
 from opensora_core.config import load_config
-from tasks.stages import build_buckets, evaluate_checkpoint, scan_media, train_model
+from opensora_core.features.settings import feature_settings
+from tasks.stages import build_buckets, evaluate_checkpoint, precompute_features, scan_media, train_model
 
 DEFAULT_CONFIG = "configs/opensora-v1-2/train/stage1.py"
 
@@ -35,7 +38,10 @@ def train_pipeline(
     try:
         meta = scan_media(config, overrides, cfg_options, parent)
         snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
-        trained = train_model(config, overrides, cfg_options, snapshot, parent)
+        features = None
+        if feature_settings(cfg.raw).enabled:
+            features = precompute_features(config, overrides, cfg_options, snapshot, parent)
+        trained = train_model(config, overrides, cfg_options, snapshot, parent, features)
         # Every checkpoint the run wrote, logged to the training run under its step.
         samples = evaluate_checkpoint(
             config,
@@ -52,7 +58,14 @@ def train_pipeline(
     if parent:
         tracking.set_tags(parent, {"checkpoint": trained["checkpoint"]})
         tracking.end_run(parent)
-    summary = {**trained, "metadata": meta, "snapshot": snapshot, "samples": samples, "mlflow_run_id": parent}
+    summary = {
+        **trained,
+        "metadata": meta,
+        "snapshot": snapshot,
+        "features": features,
+        "samples": samples,
+        "mlflow_run_id": parent,
+    }
     logger.info("pipeline done: %s", summary)
     return summary
 

@@ -90,6 +90,53 @@ def build_buckets(
     return str(info.path)
 
 
+@task(name="precompute", cache_policy=NO_CACHE, **RETRYABLE)
+def precompute_features(
+    config: str,
+    overrides: dict | None,
+    cfg_options: list[str] | None,
+    snapshot: str,
+    parent_run_id: str | None,
+) -> str:
+    """Encode the snapshot's kept samples into a feature snapshot (incremental); returns its directory."""
+    from opensora_core.features.store import ERRORS_NAME, MANIFEST_NAME
+
+    logger = get_run_logger()
+    cfg = stage_config(config, overrides, cfg_options)
+    with tracking.stage_run("precompute", parent_run_id=parent_run_id) as run_id:
+        info = stages.precompute_stage(cfg, snapshot=snapshot, progress=False)
+        manifest = info.manifest
+        logger.info(
+            "feature snapshot %s: %d rows encoded, %d reused, %d clips left out",
+            info.path,
+            manifest.num_encoded,
+            manifest.num_reused,
+            manifest.num_errors,
+        )
+        lineage = {"feature_snapshot": manifest.feature_id, "bucket_snapshot": manifest.bucket_snapshot_id}
+        if run_id:
+            tracking.set_tags(run_id, lineage)
+            tracking.log_metrics(
+                run_id,
+                {
+                    "samples": manifest.num_samples,
+                    "rows_encoded": manifest.num_encoded,
+                    "rows_reused": manifest.num_reused,
+                    "clips_failed": manifest.num_errors,
+                },
+                step=0,
+            )
+            with tempfile.TemporaryDirectory() as local:  # logged without the leading underscores
+                for name, logged_as in ((MANIFEST_NAME, "manifest.json"), (ERRORS_NAME, "errors.parquet")):
+                    if (info.path / name).is_file():
+                        copy = Path(local) / logged_as
+                        copy.write_bytes((info.path / name).read_bytes())
+                        tracking.log_artifact(run_id, copy, artifact_path="features")
+        if parent_run_id:
+            tracking.set_tags(parent_run_id, {"feature_snapshot": manifest.feature_id})
+    return str(info.path)
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(
     config: str,
@@ -97,15 +144,23 @@ def train_model(
     cfg_options: list[str] | None,
     snapshot: str,
     parent_run_id: str | None,
+    features: str | None = None,
 ) -> dict:
-    """Train on Ray Train (workers on the cluster at RAY_ADDRESS); returns the last checkpoint."""
+    """Train on Ray Train (workers on the cluster at RAY_ADDRESS); returns the last checkpoint.
+
+    With `features` (a feature snapshot directory) the workers read stored latents and captions.
+    """
     logger = get_run_logger()
     cfg = stage_config(config, overrides, cfg_options)
     with tracking.stage_run("train", parent_run_id=parent_run_id) as run_id:
         if run_id:
             tracking.log_config(run_id, cfg.raw.to_dict(), config)
         result = stages.run_training(
-            cfg, snapshot=snapshot, mlflow_run_id=run_id, ray_address=os.environ.get("RAY_ADDRESS")
+            cfg,
+            snapshot=snapshot,
+            features=features,
+            mlflow_run_id=run_id,
+            ray_address=os.environ.get("RAY_ADDRESS"),
         )
         logger.info(
             "trained to global step %s, loss %.4f: %s",
