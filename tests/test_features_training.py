@@ -262,3 +262,17 @@ def test_skip_y_embedder_with_text_features_trains_a_frozen_y_embedder(data):
     assert (job.model["skip_y_embedder"], job.model["freeze_y_embedder"]) == (False, True)
     assert job.model["class_dropout_prob"] == 0.0 and job.empty_caption_prob == 0.1  # STDiT3's default
     assert stored.caption_dropout == "empty"
+
+
+def test_opensora_train_takes_a_feature_snapshot_path(data, monkeypatch):
+    from opensora_core import cli, stages
+
+    calls = {}
+    monkeypatch.setattr(stages, "run_training", lambda cfg, **kwargs: calls.update(kwargs) or _Result())
+    argv = ["train", "configs/opensora-v1-2/train/stage1_feat.py", "--features", str(data["features"].path)]
+    assert cli.main(argv) == 0
+    assert calls["features"] == str(data["features"].path) and calls["snapshot"] is None
+
+
+class _Result:
+    checkpoint, global_step, final_loss = None, 0, None
