@@ -62,11 +62,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from opensora_core.stages import run_training
 
     # --num-train-workers overrides the config key, so it is validated with it (sp_size must divide it)
-    overrides = _config_args(ns, extra=("snapshot", "ray_address"))
+    overrides = _config_args(ns, extra=("snapshot", "features", "ray_address"))
     cfg = load_config(ns.config, overrides, mode="train")
     result = run_training(
         cfg,
         snapshot=ns.snapshot,
+        features=ns.features,
         num_workers=ns.num_train_workers,
         ray_address=ns.ray_address,
     )
@@ -188,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(train)
     train.add_argument(
         "--snapshot", help="bucket snapshot to train on (default: scan + bucket dataset.data_path)"
+    )
+    train.add_argument(
+        "--features",
+        help="feature snapshot to train from (default: feature_snapshot, else {outputs}/features; "
+        "the config sets load_video_features / load_text_features)",
     )
     train.add_argument("--num-train-workers", type=int, help="Ray Train workers (config: num_train_workers)")
     train.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")

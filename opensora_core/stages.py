@@ -117,20 +117,25 @@ def run_training(
     cfg: ValidatedConfig,
     *,
     snapshot: str | Path | None = None,
+    features: str | Path | None = None,
     mlflow_run_id: str | None = None,
     num_workers: int | None = None,
     ray_address: str | None = None,
 ) -> Any:
-    """Train on a bucket snapshot (built from dataset.data_path first when none is given)."""
+    """Train on a bucket snapshot (built from dataset.data_path first when none is given), or, for a
+    config that trains from features, on the feature snapshot `features` (default: `feature_snapshot`,
+    else `{outputs}/features`) and the bucket snapshot it was made for unless `snapshot` is given."""
     from opensora_core.train import check_load, train
 
     check_load(cfg.raw)  # a wrong `load` fails before the scan and bucket build write anything
-    if snapshot is None:
+    from_features = features is not None or (cfg.features is not None and cfg.features.enabled)
+    if snapshot is None and not from_features:
         meta, _ = scan_stage(cfg)
         snapshot = build_buckets(cfg, meta).path
     return train(
         cfg,
-        snapshot_dir=str(snapshot),
+        snapshot_dir=str(snapshot) if snapshot is not None else None,
+        features=str(features) if features is not None else None,
         output_dir=cfg.training.outputs,
         mlflow_run_id=mlflow_run_id,
         num_workers=num_workers or cfg.training.num_train_workers,

@@ -199,3 +199,26 @@ def test_each_epoch_has_its_own_number_of_batches_and_len_follows_set_epoch():
         lengths.append(len(sampler))
         assert len(all_batches(sampler)) == lengths[-1]
     assert len(set(lengths)) > 1, lengths
+
+
+def test_without_redraw_every_epoch_keeps_the_stored_buckets_and_only_the_given_rows():
+    """Training from features: the clips were encoded at their stored bucket's size, so no epoch redraws,
+    and rows without features (here every third one) never reach a batch."""
+    snap = snapshot_of(metadata(), epoch=0)
+    table = snap.full_table()
+    rows = np.arange(0, table.num_rows)[np.arange(table.num_rows) % 3 != 0]
+    sampler = BucketBatchSampler(snap, drop_last=True, redraw=False, rows=rows)
+    redrawn = BucketBatchSampler(snap, drop_last=True, rows=rows)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        redrawn.set_epoch(epoch)
+        drawn = {row_of(i): shape_of(i) for batch in all_batches(sampler) for i in batch}
+        assert drawn and all(row % 3 != 0 for row in drawn)
+        for row, shape in drawn.items():
+            stored = tuple(table[c][row].as_py() for c in ("bucket_frames", "bucket_height", "bucket_width"))
+            assert stored == shape
+    # with redraws (keep_prob < 1) epoch 2 would have put the same rows into other buckets
+    kept, redrawn_kept = sampler.bucket_rows(), redrawn.bucket_rows()
+    assert kept.keys() != redrawn_kept.keys() or any(
+        not np.array_equal(kept[k], redrawn_kept[k]) for k in kept
+    )

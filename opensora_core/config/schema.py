@@ -7,7 +7,7 @@ Each section is checked by its own component against its own registry; none of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ from opensora_core.config.credentials import check_no_credentials
 from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_image_size, get_num_frames
 from opensora_core.data.bucket import BucketConfig
 from opensora_core.errors import ConfigError
+from opensora_core.features.settings import FeatureSettings, feature_settings
 from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES, model_num_heads
 from opensora_core.parallel.deepspeed_config import check_plugin
 from opensora_core.parallel.layout import check_heads_divisible, check_sp_size
@@ -27,7 +28,10 @@ from opensora_core.train.mask_ratios import check_mask_ratios
 DTYPES = ("fp32", "fp16", "bf16")
 # The VAEs downsample 8x and the models cut latents into 2x2 patches: a side under 16 pixels gives no patch.
 MIN_IMAGE_SIDE = 16
-DATASET_TYPES = ("VariableVideoTextDataset", "VideoTextDataset")
+# BatchFeatureDataset (Open-Sora's stage1_feat.py): train from a feature snapshot's stored latents and captions
+DATASET_TYPES = ("VariableVideoTextDataset", "VideoTextDataset", "BatchFeatureDataset")
+# Top-level sizes of a config without vae / text_encoder sections (stage1_feat.py), checked against the features
+FEATURE_DIM_KEYS = ("vae_out_channels", "model_max_length", "text_encoder_output_dim")
 Mode = Literal["train", "sample"]
 
 
@@ -109,6 +113,7 @@ class ValidatedConfig:
     bucket_config: BucketConfig | None = None
     training: TrainingSettings | None = None
     sampling: SamplingSettings | None = None
+    features: FeatureSettings | None = None  # training only: which stored features it reads
 
 
 def detect_mode(cfg: Config) -> Mode:
@@ -134,9 +139,11 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
             check_mask_ratios(_plain(cfg.mask_ratios))
         _image_size(cfg, "eval_image_size")  # the evaluation after each checkpoint samples at this size
         training = _training_settings(cfg, dtype, model)
+        features = _features(cfg, dataset)
         return ValidatedConfig(
-            path, mode, cfg, model, vae, text_encoder, scheduler, dataset, bucket_config, training=training
-        )
+            path, mode, cfg, model, vae, text_encoder, scheduler, dataset, bucket_config,
+            training=training, features=features,
+        )  # fmt: skip
     sampling = _sampling_settings(cfg, dtype)
     return ValidatedConfig(path, mode, cfg, model, vae, text_encoder, scheduler, sampling=sampling)
 
@@ -158,6 +165,8 @@ def _component(cfg: Config, key: str, valid: tuple[str, ...], *, required: bool)
 
 def _bucket_config(cfg: Config, dataset: ComponentSpec) -> BucketConfig | None:
     raw = cfg.get("bucket_config")
+    if dataset.type == "BatchFeatureDataset":  # the buckets are the feature snapshot's bucket snapshot's
+        return BucketConfig.from_dict(_plain(raw)) if raw is not None else None
     if dataset.type == "VariableVideoTextDataset":
         if raw is None:
             raise ConfigError(
@@ -169,6 +178,22 @@ def _bucket_config(cfg: Config, dataset: ComponentSpec) -> BucketConfig | None:
         if dataset.options.get(key) in (None, (None, None), [None, None]):
             raise ConfigError(f"dataset.{key}: required for VideoTextDataset (fixed-size clips)")
     return BucketConfig.from_dict(_plain(raw)) if raw is not None else None
+
+
+def _features(cfg: Config, dataset: ComponentSpec) -> FeatureSettings:
+    """The feature keys; `BatchFeatureDataset` means both features (as in Open-Sora's stage1_feat.py)."""
+    settings = feature_settings(cfg)
+    for key in FEATURE_DIM_KEYS:
+        _int(cfg, key, None, minimum=1)
+    if dataset.type != "BatchFeatureDataset":
+        return settings
+    for key in ("load_video_features", "load_text_features"):
+        if cfg.get(key) is not None and not getattr(settings, key):
+            raise ConfigError(
+                f"{key}={cfg.get(key)!r}: dataset.type='BatchFeatureDataset' reads stored latents and "
+                "captions both; set it True, or use dataset.type='VariableVideoTextDataset'"
+            )
+    return replace(settings, load_video_features=True, load_text_features=True)
 
 
 def _training_settings(cfg: Config, dtype: str, model: ComponentSpec) -> TrainingSettings:

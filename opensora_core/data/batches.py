@@ -1,6 +1,7 @@
-"""Training batch sources: a bucket snapshot through the bucket batch sampler, or synthetic clips.
+"""Training batch sources: a bucket snapshot through the bucket batch sampler, the stored features
+of one (the same sampler, buckets frozen at precompute), or synthetic clips.
 
-Both give one rank its micro-batches with `len()`, `set_epoch`, `bucket_of` and a resumable
+Each gives one rank its micro-batches with `len()`, `set_epoch`, `bucket_of` and a resumable
 `state_dict` / `load_state_dict`.
 """
 
@@ -26,14 +27,23 @@ def build_batches(
     seed: int,
     sp_size: int = 1,
     num_workers: int,
-) -> SnapshotBatches | SyntheticClips:
-    """This rank's micro-batches: synthetic clips when `synthetic_data` is given, else the snapshot's.
+    features: str | None = None,
+    video_features: bool = False,
+    text_features: bool = False,
+) -> SnapshotBatches | FeatureBatches | SyntheticClips:
+    """This rank's micro-batches: synthetic clips when `synthetic_data` is given, else the snapshot's,
+    read from the feature snapshot directory `features` when one is given.
 
     The `sp_size` consecutive ranks of a sequence-parallel group get the same batches.
     """
     if synthetic_data:
         layout = parallel_layout(rank, world_size, sp_size)
         return SyntheticClips(**synthetic_data, rank=layout.dp_rank, world_size=layout.dp_size, seed=seed)
+    if features:
+        return FeatureBatches(
+            snapshot_dir, features, dataset, video_features=video_features, text_features=text_features,
+            rank=rank, world_size=world_size, seed=seed, sp_size=sp_size, num_workers=num_workers,
+        )  # fmt: skip
     return SnapshotBatches(
         snapshot_dir,
         dataset,
@@ -131,6 +141,64 @@ class SnapshotBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+
+class FeatureBatches(SnapshotBatches):
+    """Batches of stored features (`opensora_core.features.dataset`), dealt out by the same bucket
+    batch sampler as SnapshotBatches, so exact resume and resume on another world size work alike.
+
+    The clips were cropped and encoded at their stored bucket's size, so every epoch keeps the
+    bucket snapshot's buckets (no redraw), and the rows without features (clips that failed at
+    precompute) sit out. Without video features the clips are decoded as SnapshotBatches does.
+    """
+
+    def __init__(
+        self,
+        snapshot_dir: str | None,
+        features: str,
+        dataset: dict[str, Any] | None,
+        *,
+        video_features: bool,
+        text_features: bool,
+        rank: int,
+        world_size: int,
+        seed: int,
+        sp_size: int = 1,
+        num_workers: int,
+    ) -> None:
+        from opensora_core.data.dataset import VariableVideoTextDataset
+        from opensora_core.data.sampler import BucketBatchSampler
+        from opensora_core.data.snapshot import open_snapshot
+        from opensora_core.features.dataset import FeatureDataset
+        from opensora_core.features.store import open_features
+
+        stored = open_features(features)
+        snapshot = open_snapshot(snapshot_dir or stored.manifest.bucket_snapshot_path)
+        buckets = snapshot.manifest.buckets
+        if not buckets or not len(stored.samples):
+            raise ConfigError(
+                f"feature snapshot {stored.path}: no sample has features; run `opensora precompute`"
+            )
+        video = None
+        if not video_features:
+            dataset_cfg = dict(dataset or {})
+            video = VariableVideoTextDataset(
+                snapshot,
+                frame_interval=int(dataset_cfg.get("frame_interval", 1) or 1),
+                transform_name=dataset_cfg.get("transform_name") or "resize_crop",
+                seed=seed,
+            )
+        self.dataset = FeatureDataset(
+            stored, video_features=video_features, text_features=text_features, seed=seed, video=video
+        )
+        self.sampler = BucketBatchSampler(
+            snapshot, num_replicas=world_size, rank=rank, sp_size=sp_size, drop_last=True,
+            redraw=False, rows=stored.samples,
+        )  # fmt: skip
+        self.num_workers = num_workers
+        self.bucket_names = [b.key.id for b in buckets]
+        self._names = {f"{b.num_frames}-{b.height}-{b.width}": b.key.id for b in buckets}
+        self.max_batch_size = max(b.batch_size for b in buckets)
 
 
 class SyntheticClips:

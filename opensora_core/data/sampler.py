@@ -3,7 +3,9 @@
 It yields lists of "idx-T-H-W" strings for `VariableVideoTextDataset` (idx = row of the snapshot's
 full table). The epoch's buckets come from the snapshot when it was drawn for the same (seed,
 epoch); otherwise they are re-drawn in-process with `assign_buckets`, which gives the same result
-a snapshot build for that epoch would. Ranks of one sequence-parallel group (consecutive ranks,
+a snapshot build for that epoch would. With `redraw=False` (training from a feature snapshot, whose
+clips were cropped and encoded at their stored bucket's size) every epoch uses the stored buckets,
+and `rows` limits the batches to the rows that have features. Ranks of one sequence-parallel group (consecutive ranks,
 `sp_size` of them) receive identical batches.
 """
 
@@ -26,7 +28,8 @@ class BucketBatchSampler:
     """Batches that never mix buckets, shuffled by (seed, epoch) and split across data-parallel ranks.
 
     `source` is a Snapshot (bucket config, frame interval, seed and epoch default to its manifest)
-    or a metadata table, which is then always bucketed in-process. `drop_last=False` pads a bucket's last
+    or a metadata table, which is then always bucketed in-process. `redraw=False` keeps a snapshot's
+    stored buckets for every epoch; `rows` (table row numbers) are the only rows batched, others sit out. `drop_last=False` pads a bucket's last
     batch with its first samples and pads the batch list so every rank gets the same count.
     """
 
@@ -43,6 +46,8 @@ class BucketBatchSampler:
         epoch: int | None = None,
         shuffle: bool = True,
         drop_last: bool = False,
+        redraw: bool = True,
+        rows: np.ndarray | None = None,
     ) -> None:
         if isinstance(source, Snapshot):
             manifest = source.manifest
@@ -64,6 +69,13 @@ class BucketBatchSampler:
             self.seed = 0 if seed is None else seed
             epoch = 0 if epoch is None else epoch
             self._drawn_for = None
+        if not redraw and not isinstance(source, Snapshot):
+            raise ConfigError("BucketBatchSampler: redraw=False needs a snapshot's stored buckets")
+        self.redraw = redraw
+        self.allowed: np.ndarray | None = None
+        if rows is not None:
+            self.allowed = np.zeros(self.table.num_rows, dtype=bool)
+            self.allowed[np.asarray(rows, dtype=np.int64)] = True
         if sp_size < 1 or num_replicas % sp_size:
             raise ConfigError(f"sp_size={sp_size} must divide the number of ranks ({num_replicas})")
         if not 0 <= rank < num_replicas:
@@ -86,12 +98,16 @@ class BucketBatchSampler:
     def bucket_rows(self) -> dict[BucketKey, np.ndarray]:
         """This epoch's buckets -> table rows (table order), buckets in table order."""
         t = self.table
-        if self._drawn_for == (self.seed, self.epoch) and "bucket_res" in t.column_names:
+        stored = not self.redraw or self._drawn_for == (self.seed, self.epoch)
+        if stored and "bucket_res" in t.column_names:
             res_idx, frames, ar_idx = _stored_buckets(t)
         else:
             a = assign_table(t, self.bucket_cfg, self.frame_interval, self.seed, self.epoch)
             res_idx, frames, ar_idx = a.resolution_index.astype(np.int64), a.num_frames, a.aspect_index
-        kept = np.flatnonzero(res_idx >= 0)
+        keep = res_idx >= 0
+        if self.allowed is not None:
+            keep &= self.allowed
+        kept = np.flatnonzero(keep)
         code = (res_idx[kept] << 40) | (np.asarray(frames)[kept].astype(np.int64) << 12) | ar_idx[kept]
         order = np.argsort(code, kind="stable")  # stable: rows stay in table order inside a bucket
         codes, starts = np.unique(code[order], return_index=True)

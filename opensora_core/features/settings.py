@@ -5,6 +5,8 @@
     load_text_features = True    # train from stored caption embeddings (no text encoder)
     feature_views = 1            # encodings per clip, each its own crop; training picks one per epoch
     feature_snapshot = None      # a feature snapshot directory or root; default {outputs}/features
+    caption_dropout = "model"    # "model": the model's y_embedder drops captions to its learned null;
+                                 # "empty": the stored "" caption's embedding replaces them instead
 
 Open-Sora's extraction keys (`save_text_features`, `save_compressed_text_features`, `bin_size`,
 `log_time`) are accepted: captions are always stored without padding, in Parquet shards per bucket.
@@ -18,6 +20,7 @@ from typing import Any
 from opensora_core.errors import ConfigError
 
 FEATURES_DIR = "features"  # under `outputs`
+CAPTION_DROPOUT = ("model", "empty")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class FeatureSettings:
     load_text_features: bool
     views: int
     snapshot: str | None  # as the config gives it
+    caption_dropout: str = "model"  # one of CAPTION_DROPOUT
 
     @property
     def enabled(self) -> bool:
@@ -50,4 +54,10 @@ def feature_settings(cfg: Any) -> FeatureSettings:
     snapshot = cfg.get("feature_snapshot")
     if snapshot is not None and not isinstance(snapshot, str):
         raise ConfigError(f"feature_snapshot={snapshot!r}: expected a path or URI string")
-    return FeatureSettings(flag("load_video_features"), flag("load_text_features"), views, snapshot)
+    dropout = cfg.get("caption_dropout", "model") or "model"
+    if dropout not in CAPTION_DROPOUT:
+        raise ConfigError(
+            f"caption_dropout={dropout!r}: expected one of {', '.join(CAPTION_DROPOUT)} "
+            "(the model's learned null caption, or the stored empty caption's embedding)"
+        )
+    return FeatureSettings(flag("load_video_features"), flag("load_text_features"), views, snapshot, dropout)

@@ -90,6 +90,7 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> EvalResult:
     """Sample every eval prompt from `checkpoint` into `output_dir/step_{G}/`, log them under step G."""
+    from opensora_core.features.lineage import sampling_config
     from opensora_core.sample.generate import build_components, generate
     from opensora_core.sample.writer import save_sample
 
@@ -98,7 +99,8 @@ def evaluate_checkpoint(
         raise CheckpointError(f"{checkpoint}: checkpoint directory does not exist")
     step = checkpoint_step(checkpoint)
     settings = EvalSettings.from_config(config)
-    parts = build_components(config, model_weights=str(checkpoint_weights(checkpoint)))
+    # a config that trains from features may name no VAE / text encoder: sampling takes the features'
+    parts = build_components(sampling_config(config), model_weights=str(checkpoint_weights(checkpoint)))
     out_dir = Path(output_dir) / f"step_{step:06d}"
     result = EvalResult(checkpoint=str(checkpoint), global_step=step)
     start = time.perf_counter()

@@ -35,6 +35,7 @@ def train(
     ray_address: str | None = None,
     use_gpu: bool | None = None,
     max_failures: int = 0,
+    features: str | None = None,
 ) -> TrainResult:
     """Train the config's model on a bucket snapshot; checkpoints go to a new `{output_dir}/NNN-{model}/`.
 
@@ -43,7 +44,11 @@ def train(
     resumes from a checkpoint directory (a path or a URI). `use_gpu=None` uses GPUs when the Ray
     cluster has one per worker. An `output_dir` URI (`s3://...`) gets a copy of every checkpoint, saved
     first under its local mirror (`opensora_core.storage`); the result then names the URIs.
+    A config that trains from features reads the feature snapshot `features` (default: its
+    `feature_snapshot` key, else `{outputs}/features`), checked here first (opensora_core.features.lineage);
+    without `snapshot_dir` the buckets are those of the bucket snapshot it was made for.
     """
+    from opensora_core.features.lineage import feature_input
     from opensora_core.parallel.launch import cluster_has_gpus, connect_ray, run_training
     from opensora_core.train.checkpoint import read_running_states
     from opensora_core.train.job import train_job, training_config
@@ -51,6 +56,10 @@ def train(
 
     cfg = training_config(cfg)  # a bad key fails here, before anything is written
     check_load(cfg.raw)  # and so does a bad `load` path, or a checkpoint of another model
+    stored = feature_input(
+        cfg, snapshot_dir=snapshot_dir, features=features
+    )  # and features of another lineage
+    snapshot_dir = snapshot_dir or (stored.bucket_snapshot_dir if stored else None)
     exp_dir = new_experiment_dir(output_dir, cfg.model.type)
     shared = storage.is_uri(exp_dir)
     local_dir = storage.local_mirror(exp_dir)  # exp_dir itself unless it is a URI
@@ -63,6 +72,7 @@ def train(
         output_dir=str(local_dir),
         checkpoint_uri=exp_dir if shared else None,
         mlflow_run_id=mlflow_run_id,
+        features=stored,
     )
     connect_ray(ray_address)
     if use_gpu is None:

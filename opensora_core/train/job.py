@@ -1,6 +1,9 @@
 """What each training worker is given: the validated settings and the run's keys, in one picklable value.
 
 Built once on the driver (`train_job`); the workers read it and never fall back to defaults of their own.
+Training from a feature snapshot (`features`, checked by opensora_core.features.lineage) the job has no
+`vae` and / or `text_encoder` section: the workers build neither and take the model's input sizes
+from the feature manifest.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 from opensora_core.config.schema import TrainingSettings, ValidatedConfig, validate_config
 from opensora_core.errors import ConfigError
+from opensora_core.features.lineage import FeatureInput, class_dropout_prob, model_section
 
 
 @dataclass(frozen=True)
@@ -19,8 +23,8 @@ class TrainJob:
 
     settings: TrainingSettings  # `settings.load` is absolute (a path or a URI)
     model: dict[str, Any]  # the component sections as `dict(type=..., **options)`
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
+    vae: dict[str, Any] | None  # None: the latents are stored in `features`
+    text_encoder: dict[str, Any] | None  # None: the captions are stored in `features`
     scheduler: dict[str, Any]
     dataset: dict[str, Any] | None
     mask_ratios: dict[str, float] | None
@@ -30,6 +34,8 @@ class TrainJob:
     checkpoint_uri: str | None = None  # shared storage each saved checkpoint is copied to
     mlflow_run_id: str | None = None
     synthetic_data: dict[str, Any] | None = None  # random clips instead of a snapshot: tests, benchmarks
+    features: FeatureInput | None = None  # the feature snapshot the batches are read from
+    empty_caption_prob: float = 0.0  # caption_dropout "empty": captions replaced by the stored "" caption
 
     @property
     def model_type(self) -> str:
@@ -51,8 +57,10 @@ def train_job(
     output_dir: str,
     mlflow_run_id: str | None = None,
     checkpoint_uri: str | None = None,
+    features: FeatureInput | None = None,
 ) -> TrainJob:
-    """The job for `cfg` (a `ValidatedConfig`, or an MMEngine `Config`, validated here as a training config).
+    """The job for `cfg` (a `ValidatedConfig`, or an MMEngine `Config`, validated here as a training config),
+    reading the checked feature snapshot `features` when given.
 
     Local paths in the config (`from_pretrained`, `load`) are made absolute: the workers run elsewhere.
     """
@@ -60,16 +68,21 @@ def train_job(
 
     validated = training_config(cfg)
     raw = absolute_paths(validated.raw.to_dict())
+    stored = {
+        "vae": features is not None and features.video,
+        "text_encoder": features is not None and features.text,
+    }
     for key in ("vae", "text_encoder"):
-        if not raw.get(key):
+        if not raw.get(key) and not stored[key]:
             raise ConfigError(
                 f"{key}: missing; training encodes its batches with {key} = dict(type=..., ...)"
             )
+    dropout = features is not None and features.caption_dropout == "empty"
     return TrainJob(
         settings=dataclasses.replace(validated.training, load=raw.get("load")),
-        model=raw["model"],
-        vae=raw["vae"],
-        text_encoder=raw["text_encoder"],
+        model=model_section(raw["model"], features),
+        vae=None if stored["vae"] else raw["vae"],
+        text_encoder=None if stored["text_encoder"] else raw["text_encoder"],
         scheduler=raw["scheduler"],
         dataset=raw.get("dataset"),
         mask_ratios=raw.get("mask_ratios") or None,
@@ -79,4 +92,6 @@ def train_job(
         checkpoint_uri=checkpoint_uri,
         mlflow_run_id=mlflow_run_id,
         synthetic_data=raw.get("synthetic_data") or None,
+        features=features,
+        empty_caption_prob=class_dropout_prob(raw["model"]) if dropout else 0.0,
     )

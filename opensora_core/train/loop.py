@@ -3,11 +3,17 @@
 The worker gets a `TrainJob` (opensora_core.train.job): the validated training settings, the
 component sections and the run's keys, built once on the driver.
 
-Randomness: before each micro-batch the global torch RNG (VAE sampling, caption dropout,
-timesteps, noise) and the mask RNG are seeded from (seed, epoch, index of the micro-batch in the
-epoch's global order). A step therefore draws the same numbers whatever the number of workers
-(2 workers x 1 micro-batch = 1 worker x 2 accumulated micro-batches) and a resumed run repeats the
-losses of an uninterrupted one.
+Randomness: before each micro-batch the global torch RNG (VAE sampling) and the mask RNG are
+seeded from (seed, epoch, index of the micro-batch in the epoch's global order), and the global
+torch RNG again before the loss (caption dropout, timesteps, noise) from a seed derived from that
+one (opensora_core.train.step.micro_batch_loss). A step therefore draws the same numbers whatever
+the number of workers (2 workers x 1 micro-batch = 1 worker x 2 accumulated micro-batches), a
+resumed run repeats the losses of an uninterrupted one, and a step from stored latents draws the
+timesteps and noise of the step from raw video.
+
+From a feature snapshot (`job.features`) the workers build neither the VAE (video features) nor
+the text encoder (text features): the model's in_channels / caption_channels / model_max_length
+come from the feature manifest, and the batches carry the stored latents and captions.
 
 Sequence parallelism (`sp_size` > 1, plugin "zero2-seq"): consecutive ranks form an SP group that
 reads the same batch and draws the same numbers (data and seeds follow the data-parallel rank);
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from opensora_core import storage
-from opensora_core.data.batches import SnapshotBatches, SyntheticClips, build_batches
+from opensora_core.data.batches import FeatureBatches, SnapshotBatches, SyntheticClips, build_batches
 from opensora_core.parallel.layout import ParallelLayout, parallel_layout
 from opensora_core.parallel.sequence import apply_sequence_parallel, new_sequence_parallel_groups
 from opensora_core.train.checkpoint import RunningStates, save_checkpoint
@@ -38,7 +44,7 @@ from opensora_core.train.lr import build_lr_scheduler
 from opensora_core.train.mask import MaskGenerator
 from opensora_core.train.metrics import StepMetrics
 from opensora_core.train.resume import Position, plan_resume, resume
-from opensora_core.train.step import diffusion_loss, encode_batch, micro_batch_seed
+from opensora_core.train.step import EmptyCaptionDropout, micro_batch_loss, micro_batch_seed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
     if rank == 0 and job.mlflow_run_id and os.environ.get("MLFLOW_TRACKING_URI"):
         # MLflow records go through a queue, so a tracking server that is away never stalls or fails a
         # step. These first ones are sent now, which also opens the tracking store before step 1.
-        run_log = tracking.TrainingLog(job.mlflow_run_id, tags=_run_tags(w))
+        run_log = tracking.TrainingLog(job.mlflow_run_id, tags=_run_tags(job, w))
 
     # ---- train
     # losses stay on the device between logged steps: no host sync, no collective on the other steps
@@ -92,17 +98,15 @@ def train_loop_per_worker(job: TrainJob) -> None:
                 # index of this micro-batch in the epoch's global order, independent of world size;
                 # the ranks of one SP group share it (same batch, same noise and timesteps)
                 order_index = ((step * grad_accum) + micro) * w.layout.dp_size + w.layout.dp_rank
-                step_seed = micro_batch_seed(s.seed, epoch, order_index)
-                torch.manual_seed(step_seed)
-                latents, model_args, mask = encode_batch(
-                    batch, w.vae, w.text_encoder, device=w.device, dtype=w.dtype,
-                    mask_generator=w.mask_generator, rng=random.Random(step_seed),
+                loss, samples = micro_batch_loss(
+                    engine, w.scheduler, batch, seed=micro_batch_seed(s.seed, epoch, order_index),
+                    vae=w.vae, text_encoder=w.text_encoder, device=w.device, dtype=w.dtype,
+                    mask_generator=w.mask_generator, empty_caption=w.empty_caption,
                 )  # fmt: skip
-                loss = diffusion_loss(engine, w.scheduler, latents, model_args, mask)
                 engine.backward(loss * weight)
                 engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
                 step_loss += loss.detach().double() * (weight / grad_accum)
-                step_samples += latents.shape[0]
+                step_samples += samples
             if w.ema is not None:
                 update_ema(w.ema, engine.module, decay=s.ema_decay)
             global_step += 1
@@ -165,11 +169,12 @@ class Worker:
     layout: ParallelLayout  # data and seeds follow layout.dp_rank
     device: torch.device
     dtype: torch.dtype
-    text_encoder: Any  # frozen
-    vae: torch.nn.Module  # frozen
+    text_encoder: Any | None  # frozen; None with stored captions
+    vae: torch.nn.Module | None  # frozen; None with stored latents
     scheduler: Any
     mask_generator: MaskGenerator | None
-    loader: SnapshotBatches | SyntheticClips
+    empty_caption: EmptyCaptionDropout | None  # caption_dropout "empty"
+    loader: SnapshotBatches | FeatureBatches | SyntheticClips
     engine: Any  # the DeepSpeed engine around the diffusion model
     optimizer: Any  # DeepSpeed's (ZeRO) optimizer
     ema: torch.nn.Module | None  # fp32; only rank 0 keeps (and saves) it
@@ -212,10 +217,14 @@ def setup_worker(job: TrainJob) -> Worker:
     mask_generator = MaskGenerator(job.mask_ratios) if job.mask_ratios else None
 
     # ---- data: this rank's share of every global step
+    features = job.features
     loader = build_batches(
         snapshot_dir=job.snapshot_dir, dataset=job.dataset, synthetic_data=job.synthetic_data,
         rank=rank, world_size=world_size, seed=s.seed, sp_size=s.sp_size, num_workers=s.num_workers,
+        features=features.path if features else None, video_features=bool(features and features.video),
+        text_features=bool(features and features.text),
     )  # fmt: skip
+    empty_caption = _empty_caption(job, loader, text_encoder)
     if len(loader) // s.grad_accum == 0:
         raise RuntimeError(
             f"rank {rank}: the data gives no full step ({len(loader)} micro-batches, grad_accum {s.grad_accum})"
@@ -262,7 +271,7 @@ def setup_worker(job: TrainJob) -> Worker:
     )  # fmt: skip
     return Worker(
         rank, world_size, layout, device, dtype, text_encoder, vae, scheduler, mask_generator,
-        loader, engine, optimizer, ema, zero_stage, start,
+        empty_caption, loader, engine, optimizer, ema, zero_stage, start,
     )  # fmt: skip
 
 
@@ -288,33 +297,63 @@ def _save(job: TrainJob, w: Worker, *, epoch: int, step: int, global_step: int) 
 
 def _build_models(
     job: TrainJob, device: torch.device, dtype: torch.dtype
-) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    """(text encoder, VAE, diffusion model): the encoders frozen in `dtype`, the model in training mode."""
+) -> tuple[Any | None, torch.nn.Module | None, torch.nn.Module]:
+    """(text encoder, VAE, diffusion model): the encoders frozen in `dtype`, the model in training mode.
+
+    An encoder whose output the feature snapshot stores is not built (None); the feature manifest
+    gives the model's sizes instead.
+    """
     from opensora_core.models.registry import build_model, build_text_encoder, build_vae
 
-    text_encoder = build_text_encoder(dict(job.text_encoder), device=device)
-    vae = build_vae(dict(job.vae)).to(device=device, dtype=dtype).eval()
-    vae.requires_grad_(False)
+    features = job.features
+    text_encoder = vae = None
+    if job.text_encoder is not None:
+        text_encoder = build_text_encoder(dict(job.text_encoder), device=device)
+        caption_channels, max_length = text_encoder.output_dim, text_encoder.model_max_length
+    else:
+        caption_channels, max_length = features.caption_channels, features.model_max_length
+    if job.vae is not None:
+        vae = build_vae(dict(job.vae)).to(device=device, dtype=dtype).eval()
+        vae.requires_grad_(False)
+        in_channels = vae.out_channels
+    else:
+        in_channels = features.in_channels
     model = build_model(
         dict(job.model),
-        in_channels=vae.out_channels,
-        caption_channels=text_encoder.output_dim,
-        model_max_length=text_encoder.model_max_length,
+        in_channels=in_channels,
+        caption_channels=caption_channels,
+        model_max_length=max_length,
     )
     if job.settings.grad_checkpoint:
         _enable_grad_checkpoint(model)
     return text_encoder, vae, model.to(device).train()
 
 
-def _run_tags(w: Worker) -> dict[str, str]:
-    """The MLflow tags of how the run is laid out, and where it starts."""
-    return {
+def _empty_caption(job: TrainJob, loader: Any, text_encoder: Any | None) -> EmptyCaptionDropout | None:
+    """caption_dropout "empty": the feature snapshot's stored "" caption, else the text encoder's."""
+    if not job.empty_caption_prob:
+        return None
+    if text_encoder is None:
+        y, mask = loader.dataset.features.empty_caption()
+    else:
+        with torch.no_grad():
+            encoded = text_encoder.encode([""])
+        y, mask = encoded["y"][0].cpu(), encoded["mask"][0].cpu() if "mask" in encoded else None
+    return EmptyCaptionDropout(y, mask, job.empty_caption_prob)
+
+
+def _run_tags(job: TrainJob, w: Worker) -> dict[str, str]:
+    """The MLflow tags of how the run is laid out, where it starts, and the feature snapshot it reads."""
+    tags = {
         "train.world_size": str(w.world_size),
         "train.dp_size": str(w.layout.dp_size),
         "train.sp_size": str(w.layout.sp_size),
         "train.zero_stage": str(w.zero_stage),
         "train.start_global_step": str(w.start.global_step),
     }
+    if job.features is not None:
+        tags["feature_snapshot"] = job.features.feature_id
+    return tags
 
 
 def _report(metrics: dict[str, float], checkpoint_dir: Path, rank: int) -> None:
