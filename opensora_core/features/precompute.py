@@ -259,7 +259,13 @@ def _encode_in_ray(
     # GPU actors: one per GPU. CPU actors: half the cores encode, the other half decode for them.
     actors = num_actors or (gpus if gpus else max(1, cpus // 2))
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 8 * cpus))
-    ds = ds.map(read_group, fn_kwargs={"settings": settings})
+    # A read task reserves the memory of its decoded group (float32 pixels, twice for the transform), so
+    # Ray starts no more decodes than fit; being unlike the actors' resources, it also keeps Ray Data
+    # from fusing the reads into the encoder actors, which would then decode and encode in turn.
+    memory = max(
+        2 * 4 * 3 * int(i["t"]) * int(i["h"]) * int(i["w"]) * len(json.loads(i["paths"])) for i in items
+    )
+    ds = ds.map(read_group, fn_kwargs={"settings": settings}, num_cpus=1, memory=max(memory, 64 << 20))
     ds = ds.map_batches(
         GroupEncoder,
         fn_constructor_kwargs={"settings": settings},
@@ -414,6 +420,8 @@ def _encoded_table(
 ) -> pa.Table:
     """The rows of one encoded group (the clips that loaded), in the shard schema."""
     kept = np.asarray(out["kept"], dtype=np.int64)
+    if len(kept) == 0:  # every clip of the group failed
+        return schema.empty_table()
     rows = plan_rows.take(pa.array(kept))
     t, h, w = size
     n = len(kept)
@@ -433,7 +441,7 @@ def _encoded_table(
         columns["latent"] = latent_array(np.asarray(out["latent"]))
     if "text_len" in schema.names:
         lengths = np.asarray(out["text_len"], dtype=np.int64)
-        splits = np.split(np.asarray(out["text_embedding"]), np.cumsum(lengths)[:-1]) if n else []
+        splits = np.split(np.asarray(out["text_embedding"]), np.cumsum(lengths)[:-1])
         columns["text_len"] = pa.array(lengths.astype(np.int32))
         columns["text_embedding"] = embedding_array(splits, dtype)
     return pa.table(columns, schema=schema)
