@@ -510,30 +510,24 @@ def encode_settings(cfg: ValidatedConfig) -> tuple[EncodeSettings, bool, bool]:
     for wanted, spec, key in ((video, cfg.vae, "vae"), (text, cfg.text_encoder, "text_encoder")):
         if wanted and spec is None:
             raise ConfigError(f"{key}: missing; precompute needs {key} = dict(type=..., from_pretrained=...)")
+    from opensora_core.train import absolute_paths  # Ray workers run in their own directories
+
+    sections = absolute_paths(
+        {
+            "vae": cfg.vae.as_dict() if video else None,
+            "text_encoder": cfg.text_encoder.as_dict() if text else None,
+        }
+    )
     options = cfg.dataset.options
     settings = EncodeSettings(
-        vae=_absolute(cfg.vae.as_dict()) if video else None,
-        text_encoder=_absolute(cfg.text_encoder.as_dict()) if text else None,
+        vae=sections["vae"],
+        text_encoder=sections["text_encoder"],
         dtype=cfg.training.dtype,
         seed=cfg.training.seed,
         frame_interval=int(options.get("frame_interval", 1) or 1),
         transform_name=str(options.get("transform_name") or "resize_crop"),
     )
     return settings, video, text
-
-
-def _absolute(section: dict[str, Any]) -> dict[str, Any]:
-    """`from_pretrained` paths made absolute (Ray workers run in their own directories); hub ids kept."""
-    from opensora_core.config.schema import resolve_path
-
-    out = {}
-    for key, value in section.items():
-        if isinstance(value, dict):
-            value = _absolute(value)
-        elif key == "from_pretrained" and isinstance(value, str) and resolve_path(value).exists():
-            value = str(resolve_path(value).resolve())
-        out[key] = value
-    return out
 
 
 def build_features(
