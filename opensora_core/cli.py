@@ -59,13 +59,14 @@ def cmd_bucket(ns: argparse.Namespace) -> int:
 
 def cmd_precompute(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
+    from opensora_core.features.store import ERRORS_NAME
     from opensora_core.stages import precompute_stage
 
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
     info = precompute_stage(cfg, ns.snapshot, ns.output, progress=not ns.quiet)
     m = info.manifest
     rows = max(1, m.num_encoded + m.num_reused)
-    errors = f" (listed in {info.path / '_errors.parquet'})" if m.num_errors else ""
+    errors = f" (listed in {info.path / ERRORS_NAME})" if m.num_errors else ""
     print(
         f"feature snapshot {m.feature_id}: {m.num_samples} samples x {m.views} view(s); "
         f"{m.num_encoded} rows encoded, {m.num_reused} reused, {m.num_errors} samples left out{errors}; "

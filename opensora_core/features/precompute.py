@@ -607,6 +607,10 @@ def build_features(
         manifest = replace(manifest, feature_id=final.name)
         (final / MANIFEST_NAME).write_text(manifest.to_json())
     point_current(root, final.name)
+    log.info(
+        "feature snapshot %s: %d rows encoded, %d reused from %s, %d samples left out",
+        final, manifest.num_encoded, manifest.num_reused, manifest.reused_from, manifest.num_errors,
+    )  # fmt: skip
     return FeatureInfo(final, manifest)
 
 
