@@ -1,4 +1,4 @@
-"""`opensora` command line: config | scan | bucket | train | evaluate | sample | models | demo-data."""
+"""`opensora` command line: config | scan | bucket | precompute | train | evaluate | sample | models | demo-data."""
 
 from __future__ import annotations
 
@@ -54,6 +54,24 @@ def cmd_bucket(ns: argparse.Namespace) -> int:
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
     info = build_buckets(cfg, Path(ns.meta), ns.output, seed=ns.seed, epoch=ns.epoch)  # a path or a URI
     print(info.path)
+    return 0
+
+
+def cmd_precompute(ns: argparse.Namespace) -> int:
+    from opensora_core.config import load_config
+    from opensora_core.features.store import ERRORS_NAME
+    from opensora_core.stages import precompute_stage
+
+    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    info = precompute_stage(cfg, ns.snapshot, ns.output, progress=not ns.quiet)
+    m = info.manifest
+    rows = max(1, m.num_encoded + m.num_reused)
+    errors = f" (listed in {info.path / ERRORS_NAME})" if m.num_errors else ""
+    print(
+        f"feature snapshot {m.feature_id}: {m.num_samples} samples x {m.views} view(s); "
+        f"{m.num_encoded} rows encoded, {m.num_reused} reused, {m.num_errors} samples left out{errors}; "
+        f"{info.stored_bytes() / rows:,.0f} bytes per row; in {info.path}"
+    )
     return 0
 
 
@@ -183,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     bucket.add_argument("--report", action="store_true", help="print the current snapshot's bucket table")
     bucket.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     bucket.set_defaults(func=cmd_bucket)
+
+    precompute = sub.add_parser(
+        "precompute", help="encode a bucket snapshot's samples into a feature snapshot (Ray Data)"
+    )
+    precompute.add_argument("config", help="training config with vae and text_encoder")
+    precompute.add_argument("--snapshot", help="bucket snapshot or root (default: {outputs}/buckets CURRENT)")
+    precompute.add_argument(
+        "--output", help="feature snapshot root (default: feature_snapshot or {outputs}/features)"
+    )
+    precompute.add_argument("--quiet", action="store_true", help="no progress bar")
+    precompute.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    precompute.set_defaults(func=cmd_precompute)
 
     train = sub.add_parser("train", help="train on Ray Train + DeepSpeed")
     add_common_args(train)

@@ -1,4 +1,4 @@
-"""The four pipeline stages as plain functions: the CLI and the Prefect tasks both call these."""
+"""The pipeline stages as plain functions: the CLI and the Prefect tasks both call these."""
 
 from __future__ import annotations
 
@@ -110,6 +110,40 @@ def check_buckets(
         bucket_config_hash(cfg.bucket_config, _frame_interval(cfg)),
         seed=cfg.training.seed if seed is None else seed,
         epoch=epoch,
+    )
+
+
+def feature_root(cfg: ValidatedConfig) -> Path | str:
+    """Where feature snapshots go: `feature_snapshot` when it names a root (not one snapshot's
+    directory), else `{outputs}/features`."""
+    from opensora_core.features.settings import FEATURES_DIR, feature_settings
+    from opensora_core.features.store import MANIFEST_NAME
+
+    named = feature_settings(cfg.raw).snapshot
+    if named and not (is_uri(named) or (resolve_path(named) / MANIFEST_NAME).is_file()):
+        return resolve_path(named)
+    outputs = cfg.training.outputs
+    return join(outputs, FEATURES_DIR) if is_uri(outputs) else Path(outputs) / FEATURES_DIR
+
+
+def precompute_stage(
+    cfg: ValidatedConfig,
+    snapshot: str | Path | None = None,
+    root: str | Path | None = None,
+    *,
+    progress: bool = True,
+    num_actors: int | None = None,
+) -> Any:
+    """Encode a bucket snapshot (default: the CURRENT one under `snapshot_root(cfg)`) into a feature
+    snapshot under `root` (default: `feature_root(cfg)`); returns a features.precompute.FeatureInfo."""
+    from opensora_core.features.precompute import build_features
+
+    return build_features(
+        cfg,
+        snapshot if snapshot is not None else snapshot_root(cfg),
+        root if root is not None else feature_root(cfg),
+        progress=progress,
+        num_actors=num_actors,
     )
 
 

@@ -1,5 +1,6 @@
-"""Putting a finished bucket snapshot in place: its staging folder, the rename into place and the atomic
-`CURRENT` switch, the copy to shared storage, and the clean-up of what builds that died left behind."""
+"""Putting a finished snapshot (bucket or feature) in place: its staging folder, the rename into place and
+the atomic `CURRENT` switch, the copy to shared storage, and the clean-up of what builds that died left
+behind."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_abandoned_builds(root: Path) -> list[Path]:
+def remove_abandoned_builds(root: Path, kind: str = "bucket snapshot") -> list[Path]:
     """Delete the temporary directories under `root` of builds whose process died on this host.
 
     A killed build leaves its `.tmp-` directory behind (never a snapshot: only a complete one is
@@ -92,18 +93,18 @@ def remove_abandoned_builds(root: Path) -> list[Path]:
         owner = _TMP_OWNER.search(entry.name)
         if owner and owner[2] == host and not _process_alive(int(owner[1])):
             shutil.rmtree(entry, ignore_errors=True)
-            log.info("removed %s, left by a bucket build that died (process %s)", entry, owner[1])
+            log.info("removed %s, left by a %s build that died (process %s)", entry, kind, owner[1])
             removed.append(entry)
     return removed
 
 
-def disk_full_error(root: Path | Location, snapshot_id: str) -> StorageError:
-    """The one-line error of a build of `snapshot_id` that ran out of space under `root`."""
+def disk_full_error(root: Path | Location, snapshot_id: str, kind: str = "bucket snapshot") -> StorageError:
+    """The one-line error of a build of `snapshot_id` (a `kind`) that ran out of space under `root`."""
     pointer = root / CURRENT_NAME
     current = pointer.read_text().strip() if pointer.is_file() else None
     kept = f"{CURRENT_NAME} still names {current}" if current else f"there is no {CURRENT_NAME} snapshot yet"
     return StorageError(
-        f"bucket snapshot {root}: no space left on device while writing {snapshot_id}; its partial files "
+        f"{kind} {root}: no space left on device while writing {snapshot_id}; its partial files "
         f"were removed and {kept}; free space and build again"
     )
 
