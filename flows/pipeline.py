@@ -36,11 +36,14 @@ def train_pipeline(
         tracking.log_config(parent, cfg.raw.to_dict(), config)
         logger.info("MLflow run: %s", tracking.run_url(parent) or parent)
     try:
-        meta = scan_media(config, overrides, cfg_options, parent)
-        snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
-        features = None
-        if feature_settings(cfg.raw).enabled:
-            features = precompute_features(config, overrides, cfg_options, snapshot, parent)
+        meta = snapshot = features = None
+        if (
+            cfg.dataset.type != "BatchFeatureDataset"
+        ):  # Open-Sora's stage1_feat.py trains from stored features
+            meta = scan_media(config, overrides, cfg_options, parent)
+            snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
+            if feature_settings(cfg.raw).enabled:
+                features = precompute_features(config, overrides, cfg_options, snapshot, parent)
         trained = train_model(config, overrides, cfg_options, snapshot, parent, features)
         # Every checkpoint the run wrote, logged to the training run under its step.
         samples = evaluate_checkpoint(

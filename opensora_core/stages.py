@@ -113,19 +113,6 @@ def check_buckets(
     )
 
 
-def feature_root(cfg: ValidatedConfig) -> Path | str:
-    """Where feature snapshots go: `feature_snapshot` when it names a root (not one snapshot's
-    directory), else `{outputs}/features`."""
-    from opensora_core.features.settings import FEATURES_DIR, feature_settings
-    from opensora_core.features.store import MANIFEST_NAME
-
-    named = feature_settings(cfg.raw).snapshot
-    if named and not (is_uri(named) or (resolve_path(named) / MANIFEST_NAME).is_file()):
-        return resolve_path(named)
-    outputs = cfg.training.outputs
-    return join(outputs, FEATURES_DIR) if is_uri(outputs) else Path(outputs) / FEATURES_DIR
-
-
 def precompute_stage(
     cfg: ValidatedConfig,
     snapshot: str | Path | None = None,
@@ -136,6 +123,7 @@ def precompute_stage(
 ) -> Any:
     """Encode a bucket snapshot (default: the CURRENT one under `snapshot_root(cfg)`) into a feature
     snapshot under `root` (default: `feature_root(cfg)`); returns a features.precompute.FeatureInfo."""
+    from opensora_core.features.lineage import feature_root
     from opensora_core.features.precompute import build_features
 
     return build_features(
@@ -156,16 +144,23 @@ def run_training(
     num_workers: int | None = None,
     ray_address: str | None = None,
 ) -> Any:
-    """Train on a bucket snapshot (built from dataset.data_path first when none is given), or, for a
-    config that trains from features, on the feature snapshot `features` (default: `feature_snapshot`,
-    else `{outputs}/features`) and the bucket snapshot it was made for unless `snapshot` is given."""
+    """Train on a bucket snapshot, built from dataset.data_path first when none is given.
+
+    A config that trains from features reads the feature snapshot `features`; without one, a config
+    with a `data_path` scans, buckets and precomputes first (incrementally: unchanged clips are not
+    encoded again), and Open-Sora's `BatchFeatureDataset` reads the existing one (`feature_snapshot`,
+    else `{outputs}/features`) with the bucket snapshot it was made for.
+    """
     from opensora_core.train import check_load, train
 
     check_load(cfg.raw)  # a wrong `load` fails before the scan and bucket build write anything
     from_features = features is not None or (cfg.features is not None and cfg.features.enabled)
-    if snapshot is None and not from_features:
+    stored_only = cfg.dataset is not None and cfg.dataset.type == "BatchFeatureDataset"
+    if snapshot is None and features is None and not stored_only:
         meta, _ = scan_stage(cfg)
         snapshot = build_buckets(cfg, meta).path
+        if from_features:
+            features = precompute_stage(cfg, snapshot).path
     return train(
         cfg,
         snapshot_dir=str(snapshot) if snapshot is not None else None,

@@ -142,7 +142,7 @@ def train_model(
     config: str,
     overrides: dict | None,
     cfg_options: list[str] | None,
-    snapshot: str,
+    snapshot: str | None,
     parent_run_id: str | None,
     features: str | None = None,
 ) -> dict:

@@ -42,9 +42,17 @@ class FeatureInput:
     caption_dropout: str = "model"  # "model" | "empty" (opensora_core.train.step)
 
 
-def features_root(cfg: ValidatedConfig) -> Path:
-    """`{outputs}/features`, where `opensora precompute` publishes (its local mirror for a URI)."""
-    return Path(storage.local_mirror(cfg.training.outputs)) / FEATURES_DIR
+def feature_root(cfg: ValidatedConfig) -> Path | str:
+    """Where `opensora precompute` publishes and training looks: `feature_snapshot` when it names a root
+    (not one snapshot's directory), else `{outputs}/features`."""
+    from opensora_core.config.schema import resolve_path
+    from opensora_core.features.store import MANIFEST_NAME
+
+    named = cfg.features.snapshot if cfg.features else None
+    if named and not (storage.is_uri(named) or (resolve_path(named) / MANIFEST_NAME).is_file()):
+        return resolve_path(named)
+    outputs = cfg.training.outputs
+    return storage.join(outputs, FEATURES_DIR) if storage.is_uri(outputs) else Path(outputs) / FEATURES_DIR
 
 
 def feature_input(
@@ -62,7 +70,7 @@ def feature_input(
                 "and/or load_text_features = True"
             )
         return None
-    stored = open_features(features or settings.snapshot or features_root(cfg))
+    stored = open_features(features or settings.snapshot or feature_root(cfg))
     m = stored.manifest
     for wanted, held, what in (
         (settings.load_video_features, m.video_features, "video"),
@@ -205,7 +213,7 @@ def sampling_config(cfg: ValidatedConfig) -> ValidatedConfig:
         changes["model"] = dataclasses.replace(cfg.model, options=options)
     missing = [key for key in ("vae", "text_encoder") if getattr(cfg, key) is None]
     if missing:
-        manifest = open_features(cfg.features.snapshot or features_root(cfg)).manifest
+        manifest = open_features(cfg.features.snapshot or feature_root(cfg)).manifest
         for key in missing:
             info = getattr(manifest, key)
             if info is None:
