@@ -73,7 +73,7 @@ def test_the_flow_precomputes_then_trains_from_the_features(
     task_runs = prefect_api(
         env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [ours[0]["id"]]}}, "limit": 50}
     )
-    names = [r["task_key"].split("-")[0] for r in task_runs]
+    names = [r["name"].split("-")[0] for r in task_runs]
     assert {"scan", "bucket", "precompute", "train", "evaluate"} <= set(names), names
     assert all(r["state_type"] == "COMPLETED" for r in task_runs)
 
