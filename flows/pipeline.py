@@ -1,4 +1,4 @@
-"""The `train` flow: scan → bucket → train → evaluate, one MLflow parent run with a child per stage."""
+"""The `train` flow: scan → bucket → plan → train → evaluate, one MLflow parent run with a child per stage."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from prefect.runtime import flow_run
 
 from opensora_core import tracking
 from opensora_core.config import load_config
-from tasks.stages import build_buckets, evaluate_checkpoint, scan_media, train_model
+from tasks.stages import build_buckets, evaluate_checkpoint, plan_training, scan_media, train_model
 
 DEFAULT_CONFIG = "configs/opensora-v1-2/train/stage1.py"
 
@@ -35,6 +35,7 @@ def train_pipeline(
     try:
         meta = scan_media(config, overrides, cfg_options, parent)
         snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
+        plan_training(config, overrides, cfg_options, snapshot, parent)  # refuses data with no full step
         trained = train_model(config, overrides, cfg_options, snapshot, parent)
         # Every checkpoint the run wrote, logged to the training run under its step.
         samples = evaluate_checkpoint(

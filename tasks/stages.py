@@ -90,6 +90,33 @@ def build_buckets(
     return str(info.path)
 
 
+@task(name="plan", cache_policy=NO_CACHE, **RETRYABLE)
+def plan_training(
+    config: str,
+    overrides: dict | None,
+    cfg_options: list[str] | None,
+    snapshot: str,
+    parent_run_id: str | None,
+) -> dict:
+    """Before training: the run's plan on the snapshot (refused here when it gives no full step), to MLflow."""
+    from opensora_core.train.plan import format_plan, log_plan, make_plan
+    from opensora_core.train.preflight import check_step_plan
+
+    logger = get_run_logger()
+    cfg = stage_config(config, overrides, cfg_options)
+    with tracking.stage_run("plan", parent_run_id=parent_run_id) as run_id:
+        plan = make_plan(cfg, snapshot_dir=snapshot)
+        logger.info("training plan\n%s", format_plan(plan))
+        if run_id:
+            log_plan(run_id, plan)
+        check_step_plan(plan.steps, snapshot)
+    return {
+        "steps_per_epoch": plan.steps.steps_per_epoch,
+        "epoch_s": plan.epoch_s,
+        "gpu_hours": plan.gpu_hours,
+    }
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(
     config: str,

@@ -107,6 +107,11 @@ class StepTrials:
             peak_gib=round(peak.gib(), 4), tokens=tokens, error=error,
         )  # fmt: skip
 
+    def tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Latent tokens per sample of this shape, from the VAE's latent size and the model's patch size."""
+        parts = self._parts = self._parts or _build_parts(self.job, self.device)
+        return parts.tokens(parts.vae.get_latent_size((num_frames, height, width)))
+
     def _over_budget(self, peak_gib: float) -> bool:
         return self.memory_budget_gib is not None and peak_gib > self.memory_budget_gib
 
@@ -148,7 +153,10 @@ class _Parts:
         self.engine.backward(loss)
         self.engine.step()
         update_ema(self.ema, self.engine.module, decay=self.job.settings.ema_decay)
-        t, h, w = latents.shape[2:]
+        return self.tokens(latents.shape[2:])
+
+    def tokens(self, latent_size: Any) -> int:
+        t, h, w = latent_size
         pt, ph, pw = getattr(self.engine.module, "patch_size", (1, 1, 1))
         return -(-t // pt) * -(-h // ph) * -(-w // pw)
 
