@@ -294,16 +294,18 @@ def fitted_config_text(
     fitted = _entries_dict([(r.bucket, r.entry()) for r in results])
     lines = [
         f"# Written by `opensora search-bs {input_path}` on {device}: batch sizes whose step time is closest below",
-        f"# {ref:.4f} s (the base's). Each value is (keep_prob, batch_size); (0.0, None) = not used.",
-        f"_base_ = [{base!r}]",
+        f"# {ref:.4f} s, the base bucket's. Each value is (keep_prob, batch_size); (0.0, None) = not used.",
+        f"_base_ = [{json.dumps(base)}]",
         "",
         "bucket_config = {",
         '    "_delete_": True,  # replaces the search ranges of the base config',
     ]
     for resolution, frames in fitted.items():
-        lines.append(f"    {resolution!r}: {{{', '.join(f'{t}: {e!r}' for t, e in frames.items())}}},")
+        lines.append(
+            f"    {json.dumps(resolution)}: {{{', '.join(f'{t}: {e!r}' for t, e in frames.items())}}},"
+        )
     lines.append("}")
-    return "\n".join(lines).replace("'", '"') + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def search_table(results: Sequence[Fitted], ref: float) -> Any:
