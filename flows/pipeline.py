@@ -45,6 +45,7 @@ def train_pipeline(
             trained["exp_dir"] or trained["checkpoint"],
             parent,
             trained["train_run_id"],
+            snapshot,
         )
     except BaseException:
         if parent:

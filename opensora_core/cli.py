@@ -1,4 +1,4 @@
-"""`opensora` command line: config | scan | bucket | train | plan | search-bs | evaluate | sample | models | demo-data."""
+"""`opensora` command line: config | scan | bucket | train | plan | search-bs | evaluate | eval-loss | sample | models | demo-data."""
 
 from __future__ import annotations
 
@@ -127,6 +127,19 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     for result in evaluate_checkpoints(cfg, ns.checkpoint, out, mlflow_run_ids=runs):
         for path in result.samples:
             print(path)
+    return 0
+
+
+def cmd_eval_loss(ns: argparse.Namespace) -> int:
+    from opensora_core.sample.eval_loss import eval_loss_checkpoints
+
+    runs = [ns.mlflow_run_id] if ns.mlflow_run_id else []
+    results = eval_loss_checkpoints(
+        ns.config, ns.checkpoint, snapshot_dir=ns.snapshot, output_dir=ns.output, cfg_options=ns.cfg_options,
+        mlflow_run_ids=runs,
+    )  # fmt: skip
+    for result in results:
+        print(json.dumps({"global_step": result.global_step, "mean": result.mean, **result.per_bucket}))
     return 0
 
 
@@ -264,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size-end", type=int, default=256, help="v1.1 form: highest + 1")
     search.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     search.set_defaults(func=cmd_search_bs)
+
+    eval_loss = sub.add_parser("eval-loss", help="validation loss per bucket and timestep of checkpoints")
+    eval_loss.add_argument(
+        "config", help="config with bucket_config, num_eval_timesteps, val_fraction or val_data_path"
+    )
+    eval_loss.add_argument(
+        "--checkpoint", required=True, help="a checkpoint or a run directory: all its checkpoints"
+    )
+    eval_loss.add_argument(
+        "--snapshot", help="the training snapshot val_fraction splits (not needed with val_data_path)"
+    )
+    eval_loss.add_argument("--output", help="where results go (default: eval_loss/ beside the checkpoints)")
+    eval_loss.add_argument("--mlflow-run-id", help="log the losses to this MLflow run")
+    eval_loss.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    eval_loss.set_defaults(func=cmd_eval_loss)
 
     sample = sub.add_parser("sample", help="generate videos or images from prompts")
     add_common_args(sample)

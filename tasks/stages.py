@@ -156,12 +156,15 @@ def evaluate_checkpoint(
     checkpoint: str,
     parent_run_id: str | None,
     train_run_id: str | None = None,
+    snapshot: str | None = None,
 ) -> list[str]:
     """Sample the config's eval prompts from a checkpoint, or from every checkpoint of a run directory.
 
     Samples and sampling time go to the evaluate child run and, when given, to the training run
-    under each checkpoint's step, so runs compare side by side in the MLflow UI.
+    under each checkpoint's step, so runs compare side by side in the MLflow UI. With a validation split
+    (val_fraction of `snapshot`, or val_data_path) the eval loss per bucket goes there too.
     """
+    from opensora_core.sample.eval_loss import eval_loss_checkpoints, has_validation
     from opensora_core.sample.evaluate import evaluate_checkpoints, find_checkpoints
 
     logger = get_run_logger()
@@ -179,4 +182,10 @@ def evaluate_checkpoint(
                 len(result.samples),
                 result.sampling_seconds,
             )
+        if has_validation(cfg):
+            for loss in eval_loss_checkpoints(
+                config, checkpoint, snapshot_dir=snapshot, cfg_options=cfg_options, mlflow_run_ids=runs,
+                progress=False,
+            ):  # fmt: skip
+                logger.info("step %d: eval loss %.5f %s", loss.global_step, loss.mean, loss.per_bucket)
     return [path for result in results for path in result.samples]
