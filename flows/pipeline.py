@@ -1,6 +1,7 @@
-"""The `train` flow: scan → bucket → (precompute) → train → evaluate, one MLflow parent run with a child
-per stage. Precompute runs when the config trains from features (`load_video_features` /
-`load_text_features`): it encodes only what changed since the current feature snapshot."""
+"""The `train` flow: scan → bucket → (precompute) → plan → train → evaluate, one MLflow parent run with a
+child per stage. Precompute runs when the config trains from features (`load_video_features` /
+`load_text_features`): it encodes only what changed since the current feature snapshot. The plan
+refuses data that gives no full step before any training worker starts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from prefect.runtime import flow_run
 from opensora_core import tracking
 from opensora_core.config import load_config
 from opensora_core.features.settings import feature_settings
-from tasks.stages import build_buckets, evaluate_checkpoint, precompute_features, scan_media, train_model
+from tasks.stages import (
+    build_buckets,
+    evaluate_checkpoint,
+    plan_training,
+    precompute_features,
+    scan_media,
+    train_model,
+)
 
 DEFAULT_CONFIG = "configs/opensora-v1-2/train/stage1.py"
 
@@ -37,13 +45,12 @@ def train_pipeline(
         logger.info("MLflow run: %s", tracking.run_url(parent) or parent)
     try:
         meta = snapshot = features = None
-        if (
-            cfg.dataset.type != "BatchFeatureDataset"
-        ):  # Open-Sora's stage1_feat.py trains from stored features
+        if cfg.dataset.type != "BatchFeatureDataset":  # Open-Sora's stage1_feat.py: stored features only
             meta = scan_media(config, overrides, cfg_options, parent)
             snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
             if feature_settings(cfg.raw).enabled:
                 features = precompute_features(config, overrides, cfg_options, snapshot, parent)
+            plan_training(config, overrides, cfg_options, snapshot, parent)  # refuses data with no full step
         trained = train_model(config, overrides, cfg_options, snapshot, parent, features)
         # Every checkpoint the run wrote, logged to the training run under its step.
         samples = evaluate_checkpoint(
@@ -53,6 +60,7 @@ def train_pipeline(
             trained["exp_dir"] or trained["checkpoint"],
             parent,
             trained["train_run_id"],
+            snapshot,
         )
     except BaseException:
         if parent:

@@ -1,4 +1,5 @@
-"""`opensora` command line: config | scan | bucket | precompute | train | evaluate | sample | models | demo-data."""
+"""`opensora` command line: config | scan | bucket | precompute | train | plan | search-bs | evaluate |
+eval-loss | sample | models | demo-data."""
 
 from __future__ import annotations
 
@@ -97,6 +98,45 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _console() -> Any:
+    """A rich console that keeps tables whole when stdout is a file or a pipe (rich would take 80 columns)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from opensora_core import tracking
+    from opensora_core.config import load_config
+    from opensora_core.stages import current_snapshot
+    from opensora_core.train.plan import log_plan, make_plan, plan_table
+
+    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    plan = make_plan(
+        cfg, snapshot_dir=ns.snapshot or current_snapshot(cfg), num_workers=ns.num_train_workers,
+        step_times=ns.step_times,
+    )  # fmt: skip
+    _console().print(plan_table(plan))
+    if tracking.tracking_enabled():
+        with tracking.stage_run("plan", parent_run_id=None) as run_id:
+            log_plan(run_id, plan)
+    return 0
+
+
+def cmd_search_bs(ns: argparse.Namespace) -> int:
+    from opensora_core.train.search_bs import search_batch_sizes, search_table
+
+    result = search_batch_sizes(
+        ns.config, output=ns.output, memory_budget_gib=ns.memory_budget, cfg_options=ns.cfg_options,
+        warmup_steps=ns.warmup_steps, active_steps=ns.active_steps, batch_size_start=ns.batch_size_start,
+        batch_size_end=ns.batch_size_end,
+    )  # fmt: skip
+    _console().print(search_table(result.results, result.reference_step_s))
+    print(f"fitted config: {result.output} (trials: {result.results_file}; {result.wall_s:.1f} s)")
+    return 0
+
+
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
     from opensora_core.sample.evaluate import evaluate_checkpoints, find_checkpoints
@@ -107,6 +147,19 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     for result in evaluate_checkpoints(cfg, ns.checkpoint, out, mlflow_run_ids=runs):
         for path in result.samples:
             print(path)
+    return 0
+
+
+def cmd_eval_loss(ns: argparse.Namespace) -> int:
+    from opensora_core.sample.eval_loss import eval_loss_checkpoints
+
+    runs = [ns.mlflow_run_id] if ns.mlflow_run_id else []
+    results = eval_loss_checkpoints(
+        ns.config, ns.checkpoint, snapshot_dir=ns.snapshot, output_dir=ns.output, cfg_options=ns.cfg_options,
+        mlflow_run_ids=runs,
+    )  # fmt: skip
+    for result in results:
+        print(json.dumps({"global_step": result.global_step, "mean": result.mean, **result.per_bucket}))
     return 0
 
 
@@ -240,6 +293,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mlflow-run-id", help="log the samples to this MLflow run")
     evaluate.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    plan = sub.add_parser("plan", help="per-bucket batches, steps per epoch and GPU-hours before training")
+    plan.add_argument("config")
+    plan.add_argument("--snapshot", help="bucket snapshot (default: the current one under {outputs}/buckets)")
+    plan.add_argument("--num-train-workers", type=int, help="training workers (config: num_train_workers)")
+    plan.add_argument("--step-times", help="search-bs results file (default: the one beside the config)")
+    plan.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    plan.set_defaults(func=cmd_plan)
+
+    search = sub.add_parser("search-bs", help="per-bucket batch sizes by timing the real train step")
+    search.add_argument(
+        "config", help="config whose bucket_config entries are search ranges (see search_bs.py)"
+    )
+    search.add_argument("--output", help="fitted config to write (default: {outputs}/search_bs/NAME.py)")
+    search.add_argument("--memory-budget", type=float, metavar="GIB", help="peak memory a batch size may use")
+    search.add_argument("--warmup-steps", type=int, default=1, help="untimed steps per trial")
+    search.add_argument("--active-steps", type=int, default=2, help="timed steps per trial")
+    search.add_argument("--batch-size-start", type=int, default=2, help="v1.1 form (keep_prob, bs): lowest")
+    search.add_argument("--batch-size-end", type=int, default=256, help="v1.1 form: highest + 1")
+    search.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    search.set_defaults(func=cmd_search_bs)
+
+    eval_loss = sub.add_parser("eval-loss", help="validation loss per bucket and timestep of checkpoints")
+    eval_loss.add_argument(
+        "config", help="config with bucket_config, num_eval_timesteps, val_fraction or val_data_path"
+    )
+    eval_loss.add_argument(
+        "--checkpoint", required=True, help="a checkpoint or a run directory: all its checkpoints"
+    )
+    eval_loss.add_argument(
+        "--snapshot", help="the training snapshot val_fraction splits (not needed with val_data_path)"
+    )
+    eval_loss.add_argument("--output", help="where results go (default: eval_loss/ beside the checkpoints)")
+    eval_loss.add_argument("--mlflow-run-id", help="log the losses to this MLflow run")
+    eval_loss.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    eval_loss.set_defaults(func=cmd_eval_loss)
 
     sample = sub.add_parser("sample", help="generate videos or images from prompts")
     add_common_args(sample)

@@ -135,6 +135,13 @@ def precompute_stage(
     )
 
 
+def current_snapshot(cfg: ValidatedConfig) -> str:
+    """The snapshot `{outputs}/buckets/CURRENT` names; one line saying how to build one when there is none."""
+    from opensora_core.data.snapshot import open_snapshot
+
+    return str(open_snapshot(snapshot_root(cfg)).path)
+
+
 def run_training(
     cfg: ValidatedConfig,
     *,

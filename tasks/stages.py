@@ -90,6 +90,33 @@ def build_buckets(
     return str(info.path)
 
 
+@task(name="plan", cache_policy=NO_CACHE, **RETRYABLE)
+def plan_training(
+    config: str,
+    overrides: dict | None,
+    cfg_options: list[str] | None,
+    snapshot: str,
+    parent_run_id: str | None,
+) -> dict:
+    """Before training: the run's plan on the snapshot (refused here when it gives no full step), to MLflow."""
+    from opensora_core.train.plan import format_plan, log_plan, make_plan
+    from opensora_core.train.preflight import check_step_plan
+
+    logger = get_run_logger()
+    cfg = stage_config(config, overrides, cfg_options)
+    with tracking.stage_run("plan", parent_run_id=parent_run_id) as run_id:
+        plan = make_plan(cfg, snapshot_dir=snapshot)
+        logger.info("training plan\n%s", format_plan(plan))
+        if run_id:
+            log_plan(run_id, plan)
+        check_step_plan(plan.steps, snapshot)
+    return {
+        "steps_per_epoch": plan.steps.steps_per_epoch,
+        "epoch_s": plan.epoch_s,
+        "gpu_hours": plan.gpu_hours,
+    }
+
+
 @task(name="precompute", cache_policy=NO_CACHE, **RETRYABLE)
 def precompute_features(
     config: str,
@@ -184,12 +211,15 @@ def evaluate_checkpoint(
     checkpoint: str,
     parent_run_id: str | None,
     train_run_id: str | None = None,
+    snapshot: str | None = None,
 ) -> list[str]:
     """Sample the config's eval prompts from a checkpoint, or from every checkpoint of a run directory.
 
     Samples and sampling time go to the evaluate child run and, when given, to the training run
-    under each checkpoint's step, so runs compare side by side in the MLflow UI.
+    under each checkpoint's step, so runs compare side by side in the MLflow UI. With a validation split
+    (val_fraction of `snapshot`, or val_data_path) the eval loss per bucket goes there too.
     """
+    from opensora_core.sample.eval_loss import eval_loss_checkpoints, has_validation
     from opensora_core.sample.evaluate import evaluate_checkpoints, find_checkpoints
 
     logger = get_run_logger()
@@ -207,4 +237,10 @@ def evaluate_checkpoint(
                 len(result.samples),
                 result.sampling_seconds,
             )
+        if has_validation(cfg):
+            for loss in eval_loss_checkpoints(
+                config, checkpoint, snapshot_dir=snapshot, cfg_options=cfg_options, mlflow_run_ids=runs,
+                progress=False,
+            ):  # fmt: skip
+                logger.info("step %d: eval loss %.5f %s", loss.global_step, loss.mean, loss.per_bucket)
     return [path for result in results for path in result.samples]

@@ -103,7 +103,7 @@ def test_prefect_shows_the_four_stages_as_task_runs(pipeline_run: dict) -> None:
         env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [completed[0]["id"]]}}, "limit": 50}
     )
     names = {r["task_key"].split("-")[0] for r in task_runs} | {r["name"].split("-")[0] for r in task_runs}
-    assert {"scan", "bucket", "train", "evaluate"} <= names
+    assert {"scan", "bucket", "plan", "train", "evaluate"} <= names
     assert all(r["state_type"] == "COMPLETED" for r in task_runs)
 
 
@@ -125,8 +125,9 @@ def test_mlflow_holds_config_params_loss_series_and_the_sample(pipeline_run: dic
     children = {
         r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {"scan", "bucket", "train", "evaluate"}
+    assert set(children) == {"scan", "bucket", "plan", "train", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in children.values())
+    assert children["plan"].data.metrics["plan/steps_per_epoch"] >= 1
 
     loss = client.get_metric_history(children["train"].info.run_id, "loss")
     assert len(loss) >= 2

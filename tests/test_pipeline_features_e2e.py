@@ -98,7 +98,7 @@ def test_the_flow_precomputes_then_trains_from_the_features(
             [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         )
     }
-    assert set(children) == {"scan", "bucket", "precompute", "train", "evaluate"}
+    assert set(children) == {"scan", "bucket", "precompute", "plan", "train", "evaluate"}
     precompute, train = children["precompute"], children["train"]
     assert precompute.data.tags["feature_snapshot"] == manifest.feature_id
     assert precompute.data.tags["bucket_snapshot"] == manifest.bucket_snapshot_id

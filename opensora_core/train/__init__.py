@@ -53,6 +53,7 @@ def train(
     from opensora_core.train.checkpoint import read_running_states
     from opensora_core.train.job import train_job, training_config
     from opensora_core.train.loop import train_loop_per_worker
+    from opensora_core.train.preflight import preflight
 
     cfg = training_config(cfg)  # a bad key fails here, before anything is written
     check_load(cfg.raw)  # and so does a bad `load` path, or a checkpoint of another model
@@ -60,6 +61,7 @@ def train(
         cfg, snapshot_dir=snapshot_dir, features=features
     )  # and features of another lineage
     snapshot_dir = snapshot_dir or (stored.bucket_snapshot_dir if stored else None)
+    preflight(cfg, snapshot_dir=snapshot_dir, num_workers=num_workers)  # and data that gives no full step
     exp_dir = new_experiment_dir(output_dir, cfg.model.type)
     shared = storage.is_uri(exp_dir)
     local_dir = storage.local_mirror(exp_dir)  # exp_dir itself unless it is a URI

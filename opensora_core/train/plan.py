@@ -1,0 +1,219 @@
+"""`opensora plan`: what a training run will do with a bucket snapshot, and what it will cost, before it starts.
+
+Per bucket the samples, batch size, full batches per data-parallel rank and latent tokens per sample; steps
+per epoch (the pre-flight check's arithmetic, `train.preflight`); and time per epoch and GPU-hours for
+`epochs` / `max_steps` from measured step times. Step times come from `search-bs` results when the config
+has them (the results file beside it, or `--step-times`), else from a short measurement of the real train
+step at each bucket's shape and batch size on this machine (`train.step_trial`).
+
+The estimate: a rank's epoch is its share of every bucket's batches, each taking that bucket's step time;
+with `grad_accum` a step takes that many micro-batches. It leaves out data loading, the wait of the ranks
+for the slowest one in each step, logging and checkpoints, so it is a lower bound when those matter.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opensora_core.data.manifest import BucketStats
+from opensora_core.train.preflight import StepPlan, step_plan
+from opensora_core.train.step_trial import Trial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BucketCost:
+    """One bucket of the plan."""
+
+    bucket: BucketStats
+    batches_per_rank: float  # this bucket's full batches / data-parallel ranks
+    tokens: int  # latent tokens per sample
+    step_s: float  # one micro-batch at this bucket's batch size
+    source: str  # "search-bs" or "measured"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A run's plan on one snapshot; times are seconds on `device`."""
+
+    snapshot: str
+    steps: StepPlan
+    buckets: tuple[BucketCost, ...]
+    num_workers: int
+    epochs: int
+    max_steps: int | None
+    device: str
+
+    @property
+    def epoch_s(self) -> float:
+        """One epoch's step time on a rank: its micro-batches of each bucket, in proportion to the buckets'
+        batches (the remainder that does not fill a round of ranks or a step is dropped)."""
+        total = self.steps.full_batches
+        if not total:
+            return 0.0
+        used = self.steps.steps_per_epoch * self.steps.grad_accum * self.steps.dp_size / total
+        return sum(c.batches_per_rank * c.step_s for c in self.buckets) * used
+
+    @property
+    def step_s(self) -> float:
+        return self.epoch_s / self.steps.steps_per_epoch if self.steps.steps_per_epoch else 0.0
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.epochs * self.steps.steps_per_epoch
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
+
+    @property
+    def total_s(self) -> float:
+        return self.total_steps * self.step_s
+
+    @property
+    def gpu_hours(self) -> float:
+        """Device-hours over all training workers (one accelerator each)."""
+        return self.total_s * self.num_workers / 3600
+
+    def metrics(self) -> dict[str, float]:
+        """The plan's numbers as MLflow metrics."""
+        out = {
+            "plan/steps_per_epoch": float(self.steps.steps_per_epoch),
+            "plan/epoch_s": self.epoch_s,
+            "plan/step_s": self.step_s,
+            "plan/total_steps": float(self.total_steps),
+            "plan/total_s": self.total_s,
+            "plan/gpu_hours": self.gpu_hours,
+            "plan/starved_buckets": float(len(self.steps.never_full())),
+        }
+        for c in self.buckets:
+            out[f"plan/batches_per_rank/{c.bucket.key.id}"] = c.batches_per_rank
+            out[f"plan/step_s/{c.bucket.key.id}"] = c.step_s
+        return out
+
+
+def make_plan(
+    cfg: Any,
+    *,
+    snapshot_dir: str | Path,
+    num_workers: int | None = None,
+    step_times: str | Path | None = None,
+    warmup_steps: int = 1,
+    active_steps: int = 2,
+) -> TrainingPlan:
+    """The plan of validated training config `cfg` on `snapshot_dir` with `num_workers` workers (default:
+    num_train_workers). `step_times`: a search-bs results file (default: the one beside the config, if any)."""
+    from opensora_core.data.snapshot import open_snapshot
+    from opensora_core.train.job import train_job
+    from opensora_core.train.search_bs import load_trials, results_path_of
+
+    s = cfg.training
+    num_workers = num_workers or s.num_train_workers
+    snapshot = open_snapshot(snapshot_dir)
+    steps = step_plan(snapshot.manifest, num_workers=num_workers, sp_size=s.sp_size, grad_accum=s.grad_accum)
+    searched = {}
+    path = Path(step_times) if step_times else results_path_of(cfg.path)
+    if path.is_file():
+        searched = {(t.num_frames, t.height, t.width, t.batch_size): t for t in load_trials(path) if t.fits}
+        log.info("step times from %s (%d trials)", path, len(searched))
+    costs, trials = [], None
+    try:
+        for b in steps.buckets:
+            trial = searched.get((b.num_frames, b.height, b.width, b.batch_size))
+            if trial is not None:
+                costs.append(BucketCost(b, _batches(b, steps), trial.tokens, trial.step_s, "search-bs"))
+                continue
+            if trials is None:
+                from opensora_core.train.step_trial import StepTrials
+
+                job = train_job(cfg, snapshot_dir=str(snapshot.path), output_dir=".")
+                trials = StepTrials(job, warmup_steps=warmup_steps, active_steps=active_steps)
+            if b.count < b.batch_size:  # never trained on: nothing to time
+                tokens = trials.tokens(b.num_frames, b.height, b.width)
+                costs.append(BucketCost(b, 0.0, tokens, 0.0, "starved, not timed"))
+                continue
+            trial = _measure(trials, b)
+            costs.append(BucketCost(b, _batches(b, steps), trial.tokens, trial.step_s or 0.0, "measured"))
+        device = trials.device_name if trials is not None else "from search-bs results"
+    finally:
+        if trials is not None:
+            trials.close()
+    return TrainingPlan(str(snapshot.path), steps, tuple(costs), num_workers, s.epochs, s.max_steps, device)
+
+
+def _batches(b: BucketStats, steps: StepPlan) -> float:
+    return (b.count // b.batch_size) / steps.dp_size
+
+
+def _measure(trials: Any, b: BucketStats) -> Trial:
+    trial = trials.measure(b.num_frames, b.height, b.width, b.batch_size)
+    if not trial.fits:
+        log.warning("bucket %s at batch size %d does not fit: %s", b.key.id, b.batch_size, trial.error)
+    return trial
+
+
+def plan_table(plan: TrainingPlan) -> Any:
+    """The plan as a rich Table."""
+    from rich.table import Table
+
+    steps = plan.steps
+    table = Table(
+        title=f"training plan: {plan.snapshot}",
+        caption=(
+            f"{plan.num_workers} workers ({steps.dp_size} data-parallel), grad_accum {steps.grad_accum}: "
+            f"{steps.steps_per_epoch} steps per epoch, {_duration(plan.epoch_s)} per epoch; "
+            f"{plan.total_steps} steps ({'max_steps' if plan.max_steps is not None else 'epochs'} "
+            f"{plan.max_steps if plan.max_steps is not None else plan.epochs}) in {_duration(plan.total_s)}, "
+            f"{plan.gpu_hours:.3g} GPU-hours; step times on {plan.device}"
+        ),
+    )
+    for name in (
+        "bucket",
+        "size",
+        "samples",
+        "batch size",
+        "batches/rank",
+        "tokens/sample",
+        "step s",
+        "from",
+    ):
+        table.add_column(name, justify="left" if name in ("bucket", "size", "from") else "right")
+    for c in plan.buckets:
+        b = c.bucket
+        starved = b.count < b.batch_size
+        table.add_row(
+            b.key.id + (" (starved)" if starved else ""), f"{b.num_frames}x{b.height}x{b.width}", str(b.count),
+            str(b.batch_size), f"{c.batches_per_rank:.2f}", str(c.tokens), f"{c.step_s:.3f}", c.source,
+            style="red" if starved else None,
+        )  # fmt: skip
+    return table
+
+
+def format_plan(plan: TrainingPlan, width: int = 140) -> str:
+    """The plan table as plain text (for logs and the MLflow artifact)."""
+    from opensora_core.train.search_bs import render_text
+
+    return render_text(plan_table(plan), width)
+
+
+def log_plan(run_id: str, plan: TrainingPlan) -> None:
+    """The plan's metrics and its table (plan/plan.txt) to an MLflow run."""
+    import tempfile
+
+    from opensora_core import tracking
+
+    tracking.log_metrics(run_id, plan.metrics(), step=0)
+    tracking.set_tags(run_id, {"plan.starved": ",".join(b.key.id for b in plan.steps.never_full()) or "none"})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plan.txt"
+        path.write_text(format_plan(plan))
+        tracking.log_artifact(run_id, path, artifact_path="plan")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,122 @@
+"""Pre-flight check of a training run: does the data give a full step, and which buckets can never fill a batch.
+
+Runs on the driver from the snapshot's manifest alone (no table is read, no Ray is started), so a run that
+would find no full step refuses in one line before any worker or model is built. The arithmetic is the
+bucket sampler's with `drop_last=True` (opensora_core.data.sampler): a bucket gives `samples // batch_size`
+full batches, all buckets' batches are pooled and dealt out to the data-parallel ranks in whole rounds, and
+a step takes `grad_accum` of a rank's batches. Later epochs redraw the buckets (keep_prob, t_prob), so
+their counts differ a little from the snapshot's epoch, which is the one checked here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from opensora_core.data.manifest import BucketStats, Manifest
+from opensora_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One epoch of the snapshot as the training loop will walk it."""
+
+    buckets: tuple[BucketStats, ...]
+    dp_size: int  # data-parallel ranks: training workers // sp_size
+    grad_accum: int
+
+    @property
+    def full_batches(self) -> int:
+        """Full batches of all buckets together, before they are dealt out to the ranks."""
+        return sum(b.count // b.batch_size for b in self.buckets)
+
+    @property
+    def batches_per_rank(self) -> int:
+        return self.full_batches // self.dp_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_rank // self.grad_accum
+
+    @property
+    def batches_per_step(self) -> int:
+        """Full batches one optimizer step takes, over all data-parallel ranks."""
+        return self.dp_size * self.grad_accum
+
+    def never_full(self) -> tuple[BucketStats, ...]:
+        """Kept buckets with fewer samples than one batch: their samples are never trained on."""
+        return tuple(b for b in self.buckets if b.count < b.batch_size)
+
+
+def step_plan(manifest: Manifest, *, num_workers: int, sp_size: int = 1, grad_accum: int = 1) -> StepPlan:
+    """The epoch plan of `manifest`'s buckets on `num_workers` training workers."""
+    if sp_size < 1 or num_workers % sp_size:
+        raise ConfigError(f"sp_size={sp_size} must divide num_train_workers={num_workers}")
+    return StepPlan(manifest.buckets, num_workers // sp_size, grad_accum)
+
+
+def fitting_batch_size(bucket: BucketStats, plan: StepPlan) -> int:
+    """The batch size at which this bucket alone gives one full step (at least 1)."""
+    return max(1, bucket.count // plan.batches_per_step)
+
+
+def check_step_plan(plan: StepPlan, where: str) -> None:
+    """Raise ConfigError (one line) when `plan` has no full step; warn about buckets that never fill a batch."""
+    if not plan.buckets:
+        raise ConfigError(f"bucket snapshot {where}: no bucket kept any sample; check bucket_config")
+    if plan.steps_per_epoch == 0:
+        need = f"{plan.batches_per_step} full batches ({plan.dp_size} data-parallel ranks"
+        need += f" x grad_accum {plan.grad_accum})" if plan.grad_accum > 1 else ")"
+        starved = "; ".join(
+            f"{b.key.id}: {b.count} samples < batch size {b.batch_size} x {plan.batches_per_step}"
+            for b in plan.buckets
+        )
+        fixes = ", ".join(
+            f'bucket_config["{b.resolution}"][{b.num_frames}] batch size {fitting_batch_size(b, plan)}'
+            for b in _largest(plan.buckets)
+        )
+        others = ["fewer training workers (num_train_workers)"] if plan.dp_size > 1 else []
+        others += ["grad_accum=1"] if plan.grad_accum > 1 else []
+        raise ConfigError(
+            f"bucket snapshot {where}: no full training step; a step takes {need}, the buckets give "
+            f"{plan.full_batches} ({starved}); fix: {', '.join([fixes, *others, 'more clips'])}"
+        )
+    never = plan.never_full()
+    if never:
+        log.warning(
+            "bucket snapshot %s: %d kept bucket(s) can never fill a batch, their samples are never trained on: %s",
+            where,
+            len(never),
+            ", ".join(f"{b.key.id} ({b.count} samples < batch size {b.batch_size})" for b in never),
+        )
+
+
+def _largest(buckets: tuple[BucketStats, ...], limit: int = 3) -> list[BucketStats]:
+    """The buckets with most samples: lowering their batch sizes gains the most steps."""
+    return sorted(buckets, key=lambda b: -b.count)[:limit]
+
+
+def preflight(cfg: Any, *, snapshot_dir: str | None, num_workers: int) -> StepPlan | None:
+    """Check a validated training config's data for `num_workers` workers; the snapshot's StepPlan, or
+    None for `synthetic_data` (checked here too)."""
+    from opensora_core.data.snapshot import open_snapshot
+
+    s = cfg.training
+    synthetic = cfg.raw.get("synthetic_data")
+    if synthetic:
+        dp_size = num_workers // s.sp_size
+        if int(synthetic["num_batches"]) // dp_size // s.grad_accum == 0:
+            raise ConfigError(
+                f"synthetic_data.num_batches={synthetic['num_batches']}: no full step on {dp_size} "
+                f"data-parallel ranks x grad_accum {s.grad_accum}; set it to at least {dp_size * s.grad_accum}"
+            )
+        return None
+    if not snapshot_dir:
+        raise ConfigError("snapshot_dir: training needs a bucket snapshot (build one with `opensora bucket`)")
+    snapshot = open_snapshot(snapshot_dir)
+    plan = step_plan(snapshot.manifest, num_workers=num_workers, sp_size=s.sp_size, grad_accum=s.grad_accum)
+    check_step_plan(plan, str(snapshot.path))
+    return plan

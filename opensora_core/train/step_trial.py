@@ -1,0 +1,271 @@
+"""Time the real train step on synthetic inputs of one bucket's shape, on this machine, on one rank.
+
+`plan` and `search-bs` measure with it: the run's models (the config's model, VAE and text encoder), dtype,
+gradient checkpointing, EMA and mask generator, under DeepSpeed with the config's plugin on a one-rank
+process group of our own (so ZeRO runs as stage 1 at most, as `parallel.deepspeed_config` says for one
+rank). A trial's micro-batch is random video of the bucket's exact (T, H, W) and random captions, which the
+text encoder pads to its fixed length: the latent and caption shapes of a real batch, no data needed.
+
+Memory: on CUDA the peak allocated memory of the trial (torch.cuda.max_memory_allocated); an out-of-memory
+error is caught, the trial marked as not fitting and the engine rebuilt before the next one. On CPU the peak
+resident set size of this process during the trial, sampled every 5 ms from /proc/self/statm (torch's CPU
+allocator keeps no peak statistics and tracemalloc does not see its tensors); a `memory_budget` makes
+trials whose peak exceeds it not fit. On CPU trials run on one torch thread, as each Ray Train worker does
+(it is given one CPU).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opensora_core.train.job import TrainJob
+from opensora_core.train.step import diffusion_loss, encode_batch
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One batch size of one bucket shape, measured."""
+
+    num_frames: int
+    height: int
+    width: int
+    batch_size: int
+    fits: bool
+    step_s: float | None  # mean over the timed steps; None when it did not fit
+    peak_gib: float  # peak memory seen (at the failure, for one that did not fit)
+    tokens: int  # latent tokens per sample (T' x H'/p x W'/p)
+    error: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch_size * self.tokens / self.step_s if self.step_s else 0.0
+
+
+class StepTrials:
+    """The run's train step, built once; `measure` times it at one bucket shape and batch size."""
+
+    def __init__(
+        self, job: TrainJob, *, memory_budget_gib: float | None = None, warmup_steps: int = 1,
+        active_steps: int = 2,
+    ) -> None:  # fmt: skip
+        self.job = job
+        self.memory_budget_gib = memory_budget_gib
+        self.warmup_steps, self.active_steps = warmup_steps, active_steps
+        self.on_gpu = torch.cuda.is_available()
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        )
+        self._workdir = tempfile.TemporaryDirectory(prefix="opensora-trial-")
+        _one_rank_group(Path(self._workdir.name), self.on_gpu)
+        self._parts: _Parts | None = None
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.on_gpu else f"cpu ({os.cpu_count()} cores)"
+
+    def measure(self, num_frames: int, height: int, width: int, batch_size: int) -> Trial:
+        """warmup + active steps at this shape; the mean time of the active ones and the peak memory."""
+        parts = self._parts = self._parts or _build_parts(self.job, self.device)
+        threads = torch.get_num_threads()
+        if not self.on_gpu:
+            torch.set_num_threads(1)
+        peak = _PeakMemory(self.device)
+        tokens, error, step_s = 0, "", None
+        try:
+            with peak:
+                batch = _synthetic_batch(batch_size, num_frames, height, width, self.job.settings.seed)
+                for i in range(self.warmup_steps + self.active_steps):
+                    if i == self.warmup_steps:
+                        _sync(self.device)
+                        start = time.perf_counter()
+                    tokens = parts.step(batch, seed=i)
+                    if self._over_budget(peak.gib()):
+                        error = f"peak {peak.gib():.2f} GiB over the budget of {self.memory_budget_gib} GiB"
+                        break
+                else:
+                    _sync(self.device)
+                    step_s = (time.perf_counter() - start) / self.active_steps
+        except torch.cuda.OutOfMemoryError as err:
+            error = f"CUDA out of memory: {str(err).splitlines()[0]}"
+            self._drop_parts()  # the optimizer may hold half a step's gradients: rebuilt for the next trial
+        finally:
+            torch.set_num_threads(threads)
+        return Trial(
+            num_frames, height, width, batch_size, fits=not error, step_s=None if error else step_s,
+            peak_gib=round(peak.gib(), 4), tokens=tokens, error=error,
+        )  # fmt: skip
+
+    def tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Latent tokens per sample of this shape, from the VAE's latent size and the model's patch size."""
+        parts = self._parts = self._parts or _build_parts(self.job, self.device)
+        return parts.tokens(parts.vae.get_latent_size((num_frames, height, width)))
+
+    def _over_budget(self, peak_gib: float) -> bool:
+        return self.memory_budget_gib is not None and peak_gib > self.memory_budget_gib
+
+    def _drop_parts(self) -> None:
+        self._parts = None
+        gc.collect()
+        if self.on_gpu:
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self._drop_parts()
+        self._workdir.cleanup()
+
+
+@dataclass
+class _Parts:
+    """The models, engine and scheduler of the train step."""
+
+    job: TrainJob
+    device: torch.device
+    dtype: torch.dtype
+    text_encoder: Any
+    vae: torch.nn.Module
+    engine: Any
+    ema: torch.nn.Module
+    scheduler: Any
+    mask_generator: Any
+
+    def step(self, batch: dict[str, Any], seed: int) -> int:
+        """One micro-batch and optimizer step, as the training loop takes it; the latent tokens per sample."""
+        from opensora_core.train.ema import update_ema
+
+        torch.manual_seed(seed)
+        latents, model_args, mask = encode_batch(
+            batch, self.vae, self.text_encoder, device=self.device, dtype=self.dtype,
+            mask_generator=self.mask_generator, rng=random.Random(seed),
+        )  # fmt: skip
+        loss = diffusion_loss(self.engine, self.scheduler, latents, model_args, mask)
+        self.engine.backward(loss)
+        self.engine.step()
+        update_ema(self.ema, self.engine.module, decay=self.job.settings.ema_decay)
+        return self.tokens(latents.shape[2:])
+
+    def tokens(self, latent_size: Any) -> int:
+        t, h, w = latent_size
+        pt, ph, pw = getattr(self.engine.module, "patch_size", (1, 1, 1))
+        return -(-t // pt) * -(-h // ph) * -(-w // pw)
+
+
+def _build_parts(job: TrainJob, device: torch.device) -> _Parts:
+    import deepspeed
+
+    from opensora_core.parallel.deepspeed_config import deepspeed_config
+    from opensora_core.schedulers import build_scheduler
+    from opensora_core.train.ema import create_ema
+    from opensora_core.train.loop import TORCH_DTYPES, _build_models
+    from opensora_core.train.mask import MaskGenerator
+
+    s = job.settings
+    on_gpu = device.type == "cuda"
+    dtype = TORCH_DTYPES[s.dtype]
+    if not on_gpu and dtype == torch.float16:
+        dtype = torch.float32  # as the training loop does
+    text_encoder, vae, model = _build_models(job, device, dtype)
+    ema = create_ema(model)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        eps=s.adam_eps,
+    )
+    config = deepspeed_config(
+        s.plugin, s.dtype, s.grad_clip, micro_batch_size=1, grad_accum=1, sp_size=1, on_gpu=on_gpu,
+        world_size=1,
+    )  # fmt: skip
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, dist_init_required=False
+    )
+    mask_generator = MaskGenerator(job.mask_ratios) if job.mask_ratios else None
+    return _Parts(job, device, dtype, text_encoder, vae, engine, ema, build_scheduler(dict(job.scheduler)),
+                  mask_generator)  # fmt: skip
+
+
+def _one_rank_group(workdir: Path, on_gpu: bool) -> None:
+    """A one-rank process group through a file store (no port), adopted by DeepSpeed."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from opensora_core.parallel.deepspeed_config import skip_cpu_shm_kernel
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    backend = "nccl" if on_gpu else "gloo"
+    if not dist.is_initialized():
+        store = dist.FileStore(str(workdir / "store"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    if not on_gpu:
+        skip_cpu_shm_kernel()
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+
+
+def _synthetic_batch(batch_size: int, num_frames: int, height: int, width: int, seed: int) -> dict[str, Any]:
+    """Random clips in [-1, 1] and captions, with the size conditioning a real batch of this bucket has."""
+    generator = torch.Generator().manual_seed(seed)
+    n = batch_size
+    return {
+        "video": torch.rand(n, 3, num_frames, height, width, generator=generator) * 2 - 1,
+        "text": [f"a synthetic clip, number {i}" for i in range(n)],
+        "num_frames": torch.full((n,), num_frames),
+        "height": torch.full((n,), height),
+        "width": torch.full((n,), width),
+        "ar": torch.full((n,), height / width),
+        "fps": torch.full((n,), 24),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak memory while the block runs: CUDA's allocator statistics, or this process's sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / GIB
+        return max(self._peak, _rss_bytes()) / GIB
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,174 @@
+"""search-bs and plan on a tiny STDiT3: Open-Sora's bs.py as `_base_`, a few buckets, 1 + 1 steps per trial."""
+
+import logging
+from pathlib import Path
+
+import pytest
+from bucket_snapshots import clip_table, write_snapshot
+
+from opensora_core import cli
+from opensora_core.config import load_config
+from opensora_core.models.tiny_random import create_tiny_pretrained
+from opensora_core.train import step_trial
+from opensora_core.train.plan import make_plan
+from opensora_core.train.search_bs import (
+    SearchBucket,
+    fit_bucket,
+    load_trials,
+    search_batch_sizes,
+    search_buckets,
+)
+from opensora_core.train.step_trial import Trial
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKETS = '{"_delete_": True, "144p": {1: (3, 2), 17: (2, 1)}, "240p": {17: (1, 0)}}'
+
+
+def tiny_config(directory: Path, pretrained, *, base: str, buckets: str = BUCKETS, extra: str = "") -> Path:
+    """Open-Sora's misc/bs.py with a tiny model and encoders, and small search ranges."""
+    path = directory / "bs_tiny.py"
+    path.write_text(
+        f"_base_ = [{str(REPO / 'configs/opensora-v1-2/misc/bs.py')!r}]\n"
+        f"bucket_config = {buckets}\n"
+        f"base = {base}\nbase_step_time = None\n"
+        "dtype = 'fp32'\noutputs = " + repr(str(directory / "outputs")) + "\n"
+        "model = dict(_delete_=True, type='STDiT3-XL/2', hidden_size=32, depth=1, num_heads=2, qk_norm=True,\n"
+        "             enable_flash_attn=False, enable_layernorm_kernel=False)\n"
+        f"vae = dict(_delete_=True, type='VideoAutoencoderKL', from_pretrained={str(pretrained.vae)!r},\n"
+        "           local_files_only=True)\n"
+        f"text_encoder = dict(_delete_=True, type='t5', from_pretrained={str(pretrained.t5)!r},\n"
+        "                    model_max_length=8, local_files_only=True)\n" + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    pretrained = create_tiny_pretrained(root / "pretrained")
+    config = tiny_config(root, pretrained, base='("144p", "17")')
+    result = search_batch_sizes(
+        config, output=root / "fitted.py", warmup_steps=1, active_steps=1, progress=False
+    )
+    return {"root": root, "pretrained": pretrained, "config": config, "result": result}
+
+
+def test_the_fitted_config_inherits_the_input_and_loads_as_a_training_config(searched):
+    result = searched["result"]
+    fitted = load_config(result.output, mode="train")
+    sizes = {(r.bucket.resolution, r.bucket.num_frames): r.batch_size for r in result.results}
+    assert fitted.bucket_config.batch_sizes() == {k: v for k, v in sizes.items() if v}
+    assert sizes[("240p", 17)] == 1  # variance 0: kept as it is, not measured
+    assert fitted.raw.model.hidden_size == 32 and fitted.raw.mask_ratios["random"] == 0.2  # from the base
+
+
+def test_the_base_takes_its_largest_fitting_batch_size_and_the_others_the_closest_below_it(searched):
+    result = searched["result"]
+    base = result.results[0]
+    assert (base.bucket.name, base.batch_size) == ("144p-17", 3)  # range 1..3, no memory budget
+    assert result.reference_step_s == base.trial.step_s
+    images = next(r for r in result.results if r.bucket.name == "144p-1")
+    below = [t for t in images.trials if t.step_s < result.reference_step_s]
+    assert images.batch_size == max(t.batch_size for t in below)
+
+
+def test_trials_go_to_the_results_file_beside_the_output(searched):
+    result = searched["result"]
+    assert result.results_file == searched["root"] / "fitted.trials.jsonl"
+    trials = load_trials(result.results_file)
+    assert len(trials) == sum(len(r.trials) for r in result.results)
+    assert all(t.fits and t.step_s > 0 and t.peak_gib > 0 and t.tokens > 0 for t in trials)
+
+
+def test_a_search_started_again_measures_nothing_again(searched, monkeypatch):
+    def refuse(*_args):
+        raise AssertionError("a finished trial was measured again")
+
+    monkeypatch.setattr(step_trial.StepTrials, "measure", refuse)
+    result = searched["result"]
+    again = search_batch_sizes(
+        searched["config"], output=result.output, warmup_steps=1, active_steps=1, progress=False
+    )
+    assert [r.batch_size for r in again.results] == [r.batch_size for r in result.results]
+
+
+def test_plan_takes_its_step_times_from_the_search(searched, tmp_path):
+    result = searched["result"]
+    # 4 clips of 144p 17 frames (batch size 3 fitted): one full batch
+    meta = clip_table([(40, 144, 256)] * 4, root=str(tmp_path))
+    fitted = load_config(result.output, mode="train")
+    snapshot = write_snapshot(tmp_path / "s", meta, fitted.bucket_config.to_dict())
+    plan = make_plan(fitted, snapshot_dir=snapshot, num_workers=1)
+    (cost,) = plan.buckets
+    assert cost.source == "search-bs"
+    assert cost.step_s == result.results[0].trial.step_s
+    assert plan.steps.steps_per_epoch == 1 and plan.epoch_s == cost.step_s
+
+
+def test_a_bucket_that_never_fits_is_set_to_not_used_with_a_warning(caplog):
+    def measure(bucket, batch_size):
+        return Trial(
+            17,
+            144,
+            256,
+            batch_size,
+            fits=False,
+            step_s=None,
+            peak_gib=9.0,
+            tokens=10,
+            error="CUDA out of memory",
+        )
+
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_bucket(SearchBucket("144p", 17, 1.0, (1, 2, 3)), measure, ref_step_s=1.0)
+    assert fitted.entry() == (0.0, None)
+    assert [t.batch_size for t in fitted.trials] == [2, 1]
+    assert "bucket 144p-17 does not fit at batch size 1" in caplog.text
+
+
+def test_both_open_sora_forms_give_their_search_ranges():
+    from opensora_core.config import read_config
+
+    v12 = {
+        (b.name): b.candidates
+        for b in search_buckets(read_config(REPO / "configs/opensora-v1-2/misc/bs.py").bucket_config)
+    }
+    assert v12["240p-1"] == tuple(range(97, 498)) and v12["144p-51"] == (51,)
+    v11 = {
+        b.name: b
+        for b in search_buckets(read_config(REPO / "configs/opensora-v1-1/train/benchmark.py").bucket_config)
+    }
+    assert v11["720p-32"].candidates == (2, 3) and v11["720p-32"].keep_prob == 0.5
+    assert v11["720p-64"].candidates == ()
+
+
+@pytest.mark.parametrize(
+    ("buckets", "base", "message"),
+    [
+        (
+            '{"_delete_": True, "999p": {17: (2, 1)}}',
+            '("144p", 17)',
+            'bucket_config["999p"]: unknown resolution; valid names: 144p, ',
+        ),
+        (
+            '{"_delete_": True, "144p": {"x": (2, 1)}}',
+            '("144p", 17)',
+            "bucket_config[\"144p\"]['x']: num_frames 'x': expected a positive integer",
+        ),
+        (
+            BUCKETS,
+            '("360p", 17)',
+            'base=(\'360p\', 17): not a searched bucket of bucket_config; valid: ("144p", 1), ("144p", 17)',
+        ),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(searched, tmp_path, capsys, buckets, base, message):
+    config = tiny_config(tmp_path, searched["pretrained"], base=base, buckets=buckets)
+    output = tmp_path / "out" / "fitted.py"
+    assert cli.main(["search-bs", str(config), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert message in err
+    assert not (tmp_path / "out").exists()
