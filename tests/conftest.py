@@ -246,3 +246,28 @@ def grey_clip(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# ---------------------------------------------------------------- the configs under configs/
+
+# Open-Sora's batch-size search and eval-loss configs hold no training bucket_config (their entries are
+# search ranges or `(None, batch_size)`): each loads through its own command's loader.
+SEARCH_CONFIGS = {Path("configs/opensora-v1-2/misc/bs.py"), Path("configs/opensora-v1-1/train/benchmark.py")}
+EVAL_LOSS_CONFIGS = {Path("configs/opensora-v1-2/misc/eval_loss.py")}
+
+
+def load_repository_config(config: Path):
+    """A config under configs/ (`config` relative to the repository), validated as its command loads it."""
+    if config in SEARCH_CONFIGS:
+        from opensora_core.train.search_bs import search_config
+
+        return search_config(REPO / config)[0]
+    if config in EVAL_LOSS_CONFIGS:
+        from opensora_core.sample.eval_loss import eval_config
+
+        cfg, buckets = eval_config(REPO / config)
+        assert buckets
+        return cfg
+    from opensora_core.config import load_config
+
+    return load_config(REPO / config)

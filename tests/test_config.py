@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_repository_config
 
 from opensora_core.cli import build_parser
 from opensora_core.cli import main as cli_main
@@ -14,8 +15,6 @@ from opensora_core.config import load_config, read_config
 from opensora_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH_CONFIGS = {Path("configs/opensora-v1-2/misc/bs.py"), Path("configs/opensora-v1-1/train/benchmark.py")}
-EVAL_LOSS_CONFIGS = {Path("configs/opensora-v1-2/misc/eval_loss.py")}
 ALL_CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.py"))
 
 
@@ -40,19 +39,7 @@ scheduler = dict(type="rflow")
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=str)
 def test_every_config_in_the_repository_loads_and_validates(config: Path) -> None:
-    # Open-Sora's batch-size search and eval-loss configs hold no training bucket_config: their
-    # entries are search ranges or `(None, batch_size)`; each loads through its own command's loader.
-    if config in SEARCH_CONFIGS:
-        from opensora_core.train.search_bs import search_config
-
-        cfg, _ = search_config(REPO / config)
-    elif config in EVAL_LOSS_CONFIGS:
-        from opensora_core.sample.eval_loss import eval_config
-
-        cfg, buckets = eval_config(REPO / config)
-        assert buckets
-    else:
-        cfg = load_config(REPO / config)
+    cfg = load_repository_config(config)
     version = config.parts[1]  # configs/<version>/...
     published = {"opensora-v1-1": ("STDiT2-XL/2", "iddpm"), "opensora-v1-2": ("STDiT3-XL/2", "rflow")}
     assert (cfg.model.type, cfg.scheduler.type) == published[version]

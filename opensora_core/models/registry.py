@@ -6,13 +6,17 @@ checking a type imports no torch; a builder imports the one module it builds fro
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opensora_core.errors import ConfigError
 from opensora_core.models.weights import WEIGHT_FILES, load_model_weights, read_state_dict, weights_file
 from opensora_core.registry import check_type, resolve
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -169,6 +173,17 @@ def model_num_heads(model: Mapping[str, Any]) -> int | None:
     return keywords.get("num_heads")
 
 
+# Option names earlier Open-Sora releases used (v1.0 / v1.1 configs), and the name each has now.
+LEGACY_MODEL_OPTIONS = {"enable_flashattn": "enable_flash_attn"}
+
+
+@functools.cache
+def _legacy_option(key: str) -> str:
+    current = LEGACY_MODEL_OPTIONS[key]
+    log.info("model.%s is Open-Sora's earlier name of model.%s; read as that", key, current)
+    return current
+
+
 def model_kwargs(
     cfg: dict[str, Any], *, in_channels: int, caption_channels: int, model_max_length: int
 ) -> dict:
@@ -182,6 +197,8 @@ def model_kwargs(
     for key, value in cfg.items():
         if key in ("type", "from_pretrained") or key in IGNORED_MODEL_KEYS:
             continue
+        if key in LEGACY_MODEL_OPTIONS:
+            key = _legacy_option(key)
         if key in DERIVED_MODEL_OPTIONS:
             if value is not None and value != derived[key]:
                 raise ConfigError(

@@ -68,7 +68,8 @@ class StepTrials:
             torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         )
         self._workdir = tempfile.TemporaryDirectory(prefix="opensora-trial-")
-        _one_rank_group(Path(self._workdir.name), self.on_gpu)
+        self._env = {name: os.environ.get(name) for name in _RANK_ENV}
+        self._own_group = _one_rank_group(Path(self._workdir.name), self.on_gpu)
         self._parts: _Parts | None = None
 
     @property
@@ -122,7 +123,19 @@ class StepTrials:
             torch.cuda.empty_cache()
 
     def close(self) -> None:
+        """Free the models and, when the trials made it, the one-rank process group: a caller that trains
+        or measures again in this process (a test session, a notebook) starts from a clean slate."""
         self._drop_parts()
+        if self._own_group:
+            import deepspeed
+
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's clone of the world group
+            self._own_group = False
+        for name, value in self._env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         self._workdir.cleanup()
 
 
@@ -195,22 +208,28 @@ def _build_parts(job: TrainJob, device: torch.device) -> _Parts:
                   mask_generator)  # fmt: skip
 
 
-def _one_rank_group(workdir: Path, on_gpu: bool) -> None:
-    """A one-rank process group through a file store (no port), adopted by DeepSpeed."""
+_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _one_rank_group(workdir: Path, on_gpu: bool) -> bool:
+    """A one-rank process group through a file store (no port), adopted by DeepSpeed; whether it made one
+    (a caller inside a process group of its own keeps that)."""
     import deepspeed
     import torch.distributed as dist
 
     from opensora_core.parallel.deepspeed_config import skip_cpu_shm_kernel
 
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+    for name, value in zip(_RANK_ENV, ("0", "0", "1"), strict=True):
         os.environ.setdefault(name, value)
     backend = "nccl" if on_gpu else "gloo"
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         store = dist.FileStore(str(workdir / "store"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
     if not on_gpu:
         skip_cpu_shm_kernel()
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+    return created
 
 
 def _synthetic_batch(batch_size: int, num_frames: int, height: int, width: int, seed: int) -> dict[str, Any]:
