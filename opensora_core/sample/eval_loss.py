@@ -9,7 +9,8 @@ The held-out split: `val_data_path` (a metadata .parquet from `opensora scan`, o
 the rows of the training snapshot whose path hash falls below `val_fraction`; the path is taken below the
 dataset's common folder, so the split is the same on every machine, run and location. Noise, VAE sampling,
 masks and timesteps are fixed by (eval_seed, bucket, batch), so losses of two checkpoints, or two runs,
-compare sample for sample.
+compare sample for sample. The training sampler does not leave the `val_fraction` rows out yet (they are
+trained on too); `val_data_path` gives a split that training never sees.
 
 It runs in one process after training (the evaluate stage), not inside the training worker group, so no
 rank waits on another while it runs.
