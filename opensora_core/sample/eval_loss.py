@@ -94,9 +94,10 @@ def eval_config(path: str | Path, cfg_options: Sequence[str] | None = None) -> t
     apply_args(raw, {"cfg_options": cfg_options} if cfg_options else {}, training=True)
     buckets = eval_buckets(raw.get("bucket_config"))
     stand_in = raw.copy()
-    stand_in.bucket_config = {}
+    keep_all: dict[str, dict[int, tuple[float, int]]] = {}
     for b in buckets:
-        stand_in.bucket_config.setdefault(b.resolution, {})[b.num_frames] = (1.0, b.batch_size)
+        keep_all.setdefault(b.resolution, {})[b.num_frames] = (1.0, b.batch_size)
+    stand_in.bucket_config = keep_all
     return validate_config(stand_in, mode="train", path=str(path)), buckets
 
 
