@@ -159,6 +159,8 @@ class GroupEncoder:
 
         self.settings = settings
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and ray_actor():
+            torch.set_num_threads(1)  # one actor per core (see _encode_in_ray)
         # bf16 / fp16 convolutions are slow or missing on CPUs: compute in fp32 there, store the dtype asked
         self.compute_dtype = _TORCH[settings.dtype] if self.device.type == "cuda" else torch.float32
         self.vae = None
@@ -225,6 +227,13 @@ class GroupEncoder:
         return info
 
 
+def ray_actor() -> bool:
+    """Whether this code runs inside a Ray actor (not the in-process path of `num_actors=0`)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def _objects(values: list[Any]) -> np.ndarray:
     """A column of per-row values (arrays of different shapes, strings) as one numpy object array."""
     column = np.empty(len(values), dtype=object)
@@ -256,8 +265,13 @@ def _encode_in_ray(
     ctx.enable_progress_bars = False  # the driver's bar counts samples; Ray's would count blocks
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    # GPU actors: one per GPU. CPU actors: half the cores encode, the other half decode for them.
-    actors = num_actors or (gpus if gpus else max(1, cpus // 2))
+    # GPU actors: one per GPU. CPU actors: one single-threaded actor per core, each reserving half a CPU,
+    # so half the cluster's CPU reservations stay free for the read tasks that decode for them (an actor
+    # holding a whole CPU per core would starve the reads). Small encoders gain little from intra-op
+    # threads; whole encoder calls side by side use the cores better.
+    actors = num_actors or (gpus if gpus else cpus)
+    actor_cpus = 1 if gpus else 0.5
+    read_cpus = 1 if gpus else 0.5  # a 1-CPU machine still fits one actor beside one read
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 8 * cpus))
     # A read task reserves the memory of its decoded group (float32 pixels, twice for the transform), so
     # Ray starts no more decodes than fit; being unlike the actors' resources, it also keeps Ray Data
@@ -265,7 +279,9 @@ def _encode_in_ray(
     memory = max(
         2 * 4 * 3 * int(i["t"]) * int(i["h"]) * int(i["w"]) * len(json.loads(i["paths"])) for i in items
     )
-    ds = ds.map(read_group, fn_kwargs={"settings": settings}, num_cpus=1, memory=max(memory, 64 << 20))
+    ds = ds.map(
+        read_group, fn_kwargs={"settings": settings}, num_cpus=read_cpus, memory=max(memory, 64 << 20)
+    )
     ds = ds.map_batches(
         GroupEncoder,
         fn_constructor_kwargs={"settings": settings},
@@ -273,7 +289,7 @@ def _encode_in_ray(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
-        num_cpus=1,
+        num_cpus=actor_cpus,
     )
     yield from ds.iter_rows()
 
