@@ -55,6 +55,18 @@ def build_batches(
     )
 
 
+def clip_dataset(snapshot: Any, dataset_cfg: dict[str, Any], seed: int) -> Any:
+    """The decoded clips of a snapshot's rows at their bucket sizes, as the config's `dataset` section says."""
+    from opensora_core.data.dataset import VariableVideoTextDataset
+
+    return VariableVideoTextDataset(
+        snapshot,
+        frame_interval=int(dataset_cfg.get("frame_interval", 1) or 1),
+        transform_name=dataset_cfg.get("transform_name") or "resize_crop",
+        seed=seed,
+    )
+
+
 class SnapshotBatches:
     """Batches of decoded clips from a bucket snapshot; DataLoader workers do the decoding.
 
@@ -72,7 +84,6 @@ class SnapshotBatches:
         sp_size: int = 1,
         num_workers: int,
     ) -> None:
-        from opensora_core.data.dataset import VariableVideoTextDataset
         from opensora_core.data.sampler import BucketBatchSampler
         from opensora_core.data.snapshot import open_snapshot
 
@@ -92,12 +103,7 @@ class SnapshotBatches:
             raise ConfigError(
                 f"bucket snapshot {snapshot.path}: no bucket kept any sample; check bucket_config"
             )
-        self.dataset = VariableVideoTextDataset(
-            snapshot,
-            frame_interval=int(dataset_cfg.get("frame_interval", 1) or 1),
-            transform_name=dataset_cfg.get("transform_name") or "resize_crop",
-            seed=seed,
-        )
+        self.dataset = clip_dataset(snapshot, dataset_cfg, seed)
         # the sampler's seed is the snapshot's, so epoch 0 uses the buckets drawn at build time
         self.sampler = BucketBatchSampler(
             snapshot, num_replicas=world_size, rank=rank, sp_size=sp_size, drop_last=True
@@ -166,7 +172,6 @@ class FeatureBatches(SnapshotBatches):
         sp_size: int = 1,
         num_workers: int,
     ) -> None:
-        from opensora_core.data.dataset import VariableVideoTextDataset
         from opensora_core.data.sampler import BucketBatchSampler
         from opensora_core.data.snapshot import open_snapshot
         from opensora_core.features.dataset import FeatureDataset
@@ -179,15 +184,7 @@ class FeatureBatches(SnapshotBatches):
             raise ConfigError(
                 f"feature snapshot {stored.path}: no sample has features; run `opensora precompute`"
             )
-        video = None
-        if not video_features:
-            dataset_cfg = dict(dataset or {})
-            video = VariableVideoTextDataset(
-                snapshot,
-                frame_interval=int(dataset_cfg.get("frame_interval", 1) or 1),
-                transform_name=dataset_cfg.get("transform_name") or "resize_crop",
-                seed=seed,
-            )
+        video = None if video_features else clip_dataset(snapshot, dict(dataset or {}), seed)
         self.dataset = FeatureDataset(
             stored, video_features=video_features, text_features=text_features, seed=seed, video=video
         )
