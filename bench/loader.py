@@ -21,14 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from opensora_core.config import load_config
 from opensora_core.data.batches import SnapshotBatches
-from opensora_core.data.demo_data import make_demo_data
+from opensora_core.data.demo_data import make_demo_data, repeated_metadata
 from opensora_core.data.scan import scan
 from opensora_core.models.tiny_random import create_tiny_pretrained
 from opensora_core.stages import build_buckets
@@ -37,14 +35,6 @@ from opensora_core.train.step import CONDITION_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/opensora-v1-2/train/demo.py"
-
-
-def repeated_metadata(meta: pa.Table, repeat: int) -> pa.Table:
-    copies = []
-    for i in range(repeat):
-        text = pc.binary_join_element_wise(meta["text"], pa.scalar(f"take {i}"), " ")
-        copies.append(meta.set_column(meta.schema.get_field_index("text"), "text", text))
-    return pa.concat_tables(copies)
 
 
 def loader_rate(batches: SnapshotBatches) -> tuple[float, int, float]:

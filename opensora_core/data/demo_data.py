@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # (name, height, width, num_frames, fps, container): 240p/360p/480p classes, landscape, portrait and
 # square, 20 to 120 frames at 24/25/30 fps.
@@ -247,3 +249,13 @@ def _write_image(path: Path, pixels: np.ndarray) -> None:
         image.save(path, quality=90)
     else:
         image.save(path)
+
+
+def repeated_metadata(meta: pa.Table, repeat: int) -> pa.Table:
+    """`repeat` copies of a scanned metadata table, the same files with other captions ("... take i"):
+    more samples for the benchmarks without more media."""
+    copies = []
+    for i in range(repeat):
+        text = pc.binary_join_element_wise(meta["text"], pa.scalar(f"take {i}"), " ")
+        copies.append(meta.set_column(meta.schema.get_field_index("text"), "text", text))
+    return pa.concat_tables(copies)
