@@ -102,3 +102,44 @@ def test_ratios_that_do_not_sum_to_one_are_a_config_error():
         MaskGenerator({"identity": 0.5, "image_head": 0.4})
     with pytest.raises(ConfigError, match="identity"):
         MaskGenerator({"image_head": 0.7, "image_tail": 0.6})
+
+
+# v1.1.0's configs/opensora-v1-1/train/stage1.py and v1.0-era configs/opensora/train/16x256x256-mask.py.
+V11_STAGE1 = {
+    "mask_no": 0.75,
+    "mask_quarter_random": 0.025,
+    "mask_quarter_head": 0.025,
+    "mask_quarter_tail": 0.025,
+    "mask_quarter_head_tail": 0.05,
+    "mask_image_random": 0.025,
+    "mask_image_head": 0.025,
+    "mask_image_tail": 0.025,
+    "mask_image_head_tail": 0.05,
+}
+V10_MASK = {"mask_no": 0.7, "mask_random": 0.15, "mask_head": 0.05, "mask_tail": 0.05, "mask_head_tail": 0.05}
+
+
+def test_earlier_release_names_read_as_the_current_masks(caplog):
+    with caplog.at_level("INFO", logger="opensora_core.train.mask_ratios"):
+        v11 = MaskGenerator(V11_STAGE1).mask_ratios
+        v10 = MaskGenerator(V10_MASK).mask_ratios
+    assert v11 == pytest.approx(
+        {name.removeprefix("mask_").replace("no", "identity"): p for name, p in V11_STAGE1.items()}
+    )
+    assert v10 == pytest.approx(
+        {
+            "identity": 0.7,
+            "quarter_random": 0.15,
+            "quarter_head": 0.05,
+            "quarter_tail": 0.05,
+            "quarter_head_tail": 0.05,
+        }
+    )
+    assert "mask_head → quarter_head" in caplog.text
+
+
+def test_a_legacy_and_a_current_name_of_one_mask_is_a_config_error():
+    with pytest.raises(
+        ConfigError, match=r"mask_ratios\['mask_image_head'\]: names mask 'image_head' a second time"
+    ):
+        MaskGenerator({"image_head": 0.1, "mask_image_head": 0.1})
