@@ -1,4 +1,7 @@
-"""Ulysses sequence parallelism on 2 gloo processes: same loss and gradients as one process (fp32)."""
+"""Ulysses sequence parallelism on 2 gloo processes: same loss and gradients as one process (fp32).
+
+STDiT3 (v1.2) and STDiT (v1.0, fixed size: one model per latent shape) both run sequence parallel.
+"""
 
 import os
 import socket
@@ -9,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from opensora_core.errors import ConfigError
+from opensora_core.models.stdit import STDiT
 from opensora_core.models.stdit3 import STDiT3
 from opensora_core.parallel.layout import check_heads_divisible, parallel_layout
 from opensora_core.parallel.sequence import (
@@ -21,9 +25,9 @@ from opensora_core.parallel.sequence import (
 TOLERANCE = 1e-5
 
 
-def tiny_model() -> STDiT3:
+def tiny_model(kind: str = "stdit3", shape: tuple[int, int] = (8, 8)) -> STDiT3 | STDiT:
     torch.manual_seed(0)
-    model = STDiT3(
+    common = dict(
         hidden_size=32,
         depth=2,
         num_heads=4,
@@ -33,9 +37,18 @@ def tiny_model() -> STDiT3:
         model_max_length=6,
         class_dropout_prob=0.0,
     )
-    for blk in model.temporal_blocks:  # zero-initialised; make the temporal path matter
-        for p in (blk.attn.proj.weight, blk.cross_attn.proj.weight, blk.mlp.fc2.weight):
-            torch.nn.init.normal_(p, std=0.05)
+    if kind == "stdit":
+        model = STDiT(input_size=(3, *shape), **common)
+        zeroed = [p for blk in model.blocks for p in (blk.attn_temp.proj.weight, blk.cross_attn.proj.weight)]
+    else:
+        model = STDiT3(**common)
+        zeroed = [
+            p
+            for blk in model.temporal_blocks
+            for p in (blk.attn.proj.weight, blk.cross_attn.proj.weight, blk.mlp.fc2.weight)
+        ]
+    for p in zeroed:  # zero-initialised; make the temporal and caption paths matter
+        torch.nn.init.normal_(p, std=0.05)
     return model.train()
 
 
@@ -70,20 +83,25 @@ def _worker(rank: int, world_size: int, port: int, shapes: list[tuple[int, int]]
         torch.set_num_threads(1)
         layout = parallel_layout(rank, world_size, sp_size=world_size)
         sp_group, _ = new_sequence_parallel_groups(layout)
-        model = tiny_model()
-        apply_sequence_parallel(model, sp_group)
-        for shape in shapes:
-            loss, grads = loss_and_grads(model, tiny_batch(*shape))
-            # what DeepSpeed does over the data-parallel world: average the ranks' gradients
-            for g in grads.values():
-                dist.all_reduce(g)
-                g /= world_size
-            out[(rank, shape)] = (loss, grads)
+        for kind in KINDS:
+            model = tiny_model(kind)
+            apply_sequence_parallel(model, sp_group)
+            for shape in shapes:
+                if kind == "stdit" and shape != (8, 8):  # fixed size: a model of its own
+                    model = tiny_model(kind, shape)
+                    apply_sequence_parallel(model, sp_group)
+                loss, grads = loss_and_grads(model, tiny_batch(*shape))
+                # what DeepSpeed does over the data-parallel world: average the ranks' gradients
+                for g in grads.values():
+                    dist.all_reduce(g)
+                    g /= world_size
+                out[(rank, kind, shape)] = (loss, grads)
     finally:
         dist.destroy_process_group()
 
 
 SHAPES = [(8, 8), (6, 10)]  # latent H, W: 16 spatial tokens split evenly; 15 need one padding token
+KINDS = ("stdit3", "stdit")
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +117,12 @@ def sequence_parallel_results() -> dict:
     return dict(out)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=["tokens-divide", "tokens-padded"])
-def test_sp2_matches_one_process_loss_and_gradients(sequence_parallel_results, shape):
-    reference_loss, reference_grads = loss_and_grads(tiny_model(), tiny_batch(*shape))
+def test_sp2_matches_one_process_loss_and_gradients(sequence_parallel_results, kind, shape):
+    reference_loss, reference_grads = loss_and_grads(tiny_model(kind, shape), tiny_batch(*shape))
     for rank in (0, 1):
-        loss, grads = sequence_parallel_results[(rank, shape)]
+        loss, grads = sequence_parallel_results[(rank, kind, shape)]
         assert loss == pytest.approx(reference_loss, rel=TOLERANCE)
         assert grads.keys() == reference_grads.keys()
         for name, grad in grads.items():

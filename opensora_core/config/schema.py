@@ -7,6 +7,7 @@ Each section is checked by its own component against its own registry; none of t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,8 @@ from opensora_core.parallel.layout import check_heads_divisible, check_sp_size
 from opensora_core.registry import check_type
 from opensora_core.schedulers import SCHEDULER_TYPES, check_scheduler_type
 from opensora_core.train.mask_ratios import check_mask_ratios
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "fp16", "bf16")
 # The VAEs downsample 8x and the models cut latents into 2x2 patches: a side under 16 pixels gives no patch.
@@ -205,7 +208,7 @@ def _training_settings(cfg: Config, dtype: str, model: ComponentSpec) -> Trainin
         num_heads = model_num_heads(model.as_dict())
         if num_heads is not None:
             check_heads_divisible(num_heads, sp_size)
-    plugin = check_plugin(cfg.get("plugin") or "zero2", sp_size)
+    plugin = check_plugin(_sequence_parallel_plugin(cfg, model, sp_size), sp_size)
     return TrainingSettings(
         seed=_int(cfg, "seed", 1024),
         outputs=str(cfg.get("outputs", "outputs")),
@@ -232,6 +235,23 @@ def _training_settings(cfg: Config, dtype: str, model: ComponentSpec) -> Trainin
         start_from_scratch=bool(cfg.get("start_from_scratch", False)),
         grad_accum=_int(cfg, "grad_accum", 1, minimum=1),
     )
+
+
+def _sequence_parallel_plugin(cfg: Config, model: ComponentSpec, sp_size: int) -> str:
+    """`plugin`, with v1.1's form of a sequence-parallel config read as 'zero2-seq'.
+
+    v1.1.0 and v1.2.0 ship opensora/train/64x512x512-sp.py with plugin='zero2' beside sp_size=2 and
+    model.enable_sequence_parallelism=True; v1.0.0's same file says 'zero2-seq'. Both keys ask for SP.
+    """
+    plugin = cfg.get("plugin") or "zero2"
+    if plugin == "zero2" and sp_size > 1 and model.options.get("enable_sequence_parallelism"):
+        log.info(
+            "plugin='zero2' with sp_size=%d and model.enable_sequence_parallelism=True: "
+            "running as plugin='zero2-seq' (sequence parallelism, as this config asks)",
+            sp_size,
+        )
+        return "zero2-seq"
+    return plugin
 
 
 def _sampling_settings(cfg: Config, dtype: str) -> SamplingSettings:

@@ -138,8 +138,6 @@ class STDiT(FixedSizeModel):
         grad_checkpoint: bool = False,
     ):
         super().__init__()
-        if enable_sequence_parallelism:
-            raise ConfigError("model.enable_sequence_parallelism=True: STDiT-XL/2 does not support it here")
         if freeze is not None and freeze not in FREEZE_CHOICES:
             raise ConfigError(
                 f"model.freeze={freeze!r} is not valid; valid: None, {', '.join(FREEZE_CHOICES)}"
@@ -156,6 +154,8 @@ class STDiT(FixedSizeModel):
         self.space_scale = space_scale
         self.time_scale = time_scale
         self.grad_checkpointing = grad_checkpoint
+        # Open-Sora's switch, accepted for its configs; `opensora_core.parallel.sequence` applies SP from outside
+        self.enable_sequence_parallelism = enable_sequence_parallelism
         if enable_flash_attn:
             flash_attn_func()  # log the chosen attention path at build time
 

@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism: each sample's spatial tokens split across the ranks of an SP group.
 
-`apply_sequence_parallel` changes how a plain STDiT3 / STDiT2 runs, the model knowing nothing of it:
+`apply_sequence_parallel` changes how a plain STDiT3 / STDiT2 / STDiT runs, the model knowing nothing of it:
 forward hooks split the tokens before the first block and gather them after the last (every block in
 between sees this rank's share of each frame), and each spatial self-attention's kernel is wrapped so
 the token shard is traded for a head shard around the softmax with an all-to-all
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from opensora_core.errors import ConfigError
 from opensora_core.models.kernels import AttentionKernel
+from opensora_core.models.stdit import STDiT
 from opensora_core.models.stdit2 import STDiT2
 from opensora_core.models.stdit3 import STDiT3
 from opensora_core.parallel.layout import ParallelLayout, check_heads_divisible
@@ -112,9 +113,9 @@ class UlyssesSequenceParallel:
 
 
 def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup) -> UlyssesSequenceParallel:
-    """Make `model` (an STDiT3 or STDiT2) run sequence parallel over `group`; its weights are untouched."""
+    """Make `model` (an STDiT3, STDiT2 or STDiT) run sequence parallel over `group`; its weights are untouched."""
     size = dist.get_world_size(group)
-    if not isinstance(model, STDiT3 | STDiT2):
+    if not isinstance(model, STDiT3 | STDiT2 | STDiT):
         raise ConfigError(
             f"sp_size={size}: model {type(model).__name__} does not support sequence parallelism"
         )
@@ -124,7 +125,7 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup) -> Ulyss
     return sp
 
 
-def parallelize_sequence(model: STDiT3 | STDiT2, sp: SequenceParallel) -> None:
+def parallelize_sequence(model: STDiT3 | STDiT2 | STDiT, sp: SequenceParallel) -> None:
     """`apply_sequence_parallel` with any `SequenceParallel` (tests use a one-rank stand-in).
 
     The blocks, in the order they run, share the tokens out; only spatial self-attention needs a
@@ -135,11 +136,11 @@ def parallelize_sequence(model: STDiT3 | STDiT2, sp: SequenceParallel) -> None:
             blk for pair in zip(model.spatial_blocks, model.temporal_blocks, strict=True) for blk in pair
         ]
         spatial_attentions = [blk.attn for blk in model.spatial_blocks]
-    elif isinstance(model, STDiT2):
+    elif isinstance(model, STDiT2 | STDiT):
         blocks = list(model.blocks)
         spatial_attentions = [blk.attn for blk in model.blocks]
     else:
-        raise TypeError(f"{type(model).__name__} has no sequence-parallel plan (STDiT3, STDiT2 have)")
+        raise TypeError(f"{type(model).__name__} has no sequence-parallel plan (STDiT3, STDiT2, STDiT have)")
     for attn in spatial_attentions:
         if not isinstance(attn.kernel, AttentionKernel):
             raise ValueError(f"{type(model).__name__} is already sequence parallel")
