@@ -12,6 +12,7 @@ from typing import Any
 
 from mmengine.config import Config
 
+from opensora_core.config.legacy import upgrade_legacy_layout
 from opensora_core.errors import ConfigError
 
 # CLI argument -> nested config key. Every other argument given on the command line is set at
@@ -37,11 +38,12 @@ def read_config(path: str | Path) -> Config:
     if path.suffix != ".py":
         raise ConfigError(f"config file {str(path)!r} must be a Python (.py) MMEngine config")
     try:
-        return Config.fromfile(str(path))
+        cfg = Config.fromfile(str(path))
     except SyntaxError as err:
         raise ConfigError(f"{path}:{err.lineno}: syntax error in config: {err.msg}") from None
     except Exception as err:  # mmengine wraps user errors in many types; report them in one line
         raise ConfigError(f"{path}: cannot load config: {type(err).__name__}: {err}") from None
+    return upgrade_legacy_layout(cfg, str(path))
 
 
 def apply_args(cfg: Config, args: Mapping[str, Any], *, training: bool) -> Config:

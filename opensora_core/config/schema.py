@@ -19,7 +19,13 @@ from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_image_s
 from opensora_core.data.bucket import BucketConfig
 from opensora_core.errors import ConfigError
 from opensora_core.features.settings import FeatureSettings, feature_settings
-from opensora_core.models.registry import MODEL_TYPES, TEXT_ENCODER_TYPES, VAE_TYPES, model_num_heads
+from opensora_core.models.registry import (
+    MODEL_TYPES,
+    TEXT_ENCODER_TYPES,
+    VAE_TYPES,
+    check_class_condition,
+    model_num_heads,
+)
 from opensora_core.parallel.deepspeed_config import check_plugin
 from opensora_core.parallel.layout import check_heads_divisible, check_sp_size
 from opensora_core.registry import check_type
@@ -131,6 +137,7 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
     model = _component(cfg, "model", MODEL_TYPES, required=True)
     vae = _component(cfg, "vae", VAE_TYPES, required=False)
     text_encoder = _component(cfg, "text_encoder", TEXT_ENCODER_TYPES, required=False)
+    check_class_condition(model.as_dict(), text_encoder.as_dict() if text_encoder else None)
     scheduler = _component(cfg, "scheduler", SCHEDULER_TYPES, required=True)
     dtype = _choice(cfg, "dtype", DTYPES, default="bf16")
 

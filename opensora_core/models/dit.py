@@ -26,6 +26,7 @@ from opensora_core.models.blocks import (
 )
 from opensora_core.models.fixed_size import FixedSizeModel, sincos_table_1d, sincos_table_2d
 from opensora_core.models.kernels import flash_attn_func, make_layernorm
+from opensora_core.models.registry import parse_condition
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
@@ -37,16 +38,6 @@ def norm_and_modulate(norm: nn.Module, x: Tensor, shift: Tensor, scale: Tensor) 
     dtype = x.dtype
     x = norm(x.float()).to(dtype)
     return x * (scale.unsqueeze(1) + 1) + shift.unsqueeze(1)
-
-
-def parse_condition(condition: str) -> int | None:
-    """Number of classes for `condition="label_<N>"`, None for `condition="text"`."""
-    if condition == "text":
-        return None
-    prefix, _, count = condition.rpartition("_")
-    if prefix == "label" and count.isdigit() and int(count) > 0:
-        return int(count)
-    raise ConfigError(f"model.condition={condition!r} is not valid; valid: 'text', 'label_<num_classes>'")
 
 
 class LabelEmbedder(nn.Module):

@@ -70,6 +70,7 @@ VAE_TYPES: tuple[str, ...] = tuple(VAES)
 TEXT_ENCODERS: dict[str, str] = {
     "t5": "opensora_core.models.text_encoder:T5Encoder",
     "clip": "opensora_core.models.text_encoder:ClipEncoder",
+    "classes": "opensora_core.models.text_encoder:ClassEncoder",  # class ids for label-conditioned DiT / Latte
 }
 TEXT_ENCODER_TYPES: tuple[str, ...] = tuple(TEXT_ENCODERS)
 
@@ -115,6 +116,7 @@ TEXT_ENCODER_OPTIONS: dict[str, frozenset[str]] = {
         {"from_pretrained", "model_max_length", "cache_dir", "local_files_only", "shardformer", "subfolder"}
     ),
     "clip": frozenset({"from_pretrained", "model_max_length", "cache_dir", "local_files_only"}),
+    "classes": frozenset({"num_classes", "model_max_length"}),
 }
 
 # Keys Open-Sora configs carry that do not change how our models are built.
@@ -182,6 +184,46 @@ def _legacy_option(key: str) -> str:
     current = LEGACY_MODEL_OPTIONS[key]
     log.info("model.%s is Open-Sora's earlier name of model.%s; read as that", key, current)
     return current
+
+
+def parse_condition(condition: str) -> int | None:
+    """Number of classes for `condition="label_<N>"`, None for `condition="text"`."""
+    if condition == "text":
+        return None
+    prefix, _, count = condition.rpartition("_")
+    if prefix == "label" and count.isdigit() and int(count) > 0:
+        return int(count)
+    raise ConfigError(f"model.condition={condition!r} is not valid; valid: 'text', 'label_<num_classes>'")
+
+
+def check_num_classes(num_classes: object) -> int:
+    """`text_encoder.num_classes` as a positive int (torch-free: the config check uses it too)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"text_encoder.num_classes={num_classes!r}: expected a positive integer, e.g. 1000")
+    return num_classes
+
+
+def check_class_condition(model: Mapping[str, Any], text_encoder: Mapping[str, Any] | None) -> None:
+    """A `classes` text encoder and a `condition="label_<N>"` model go together, with N = num_classes."""
+    condition = model.get("condition")
+    num_labels = parse_condition(condition) if isinstance(condition, str) else None
+    if text_encoder is None or text_encoder.get("type") != "classes":
+        if num_labels is not None and text_encoder is not None:
+            raise ConfigError(
+                f"model.condition={condition!r} takes class ids: set text_encoder = "
+                f'dict(type="classes", num_classes={num_labels})'
+            )
+        return
+    num_classes = check_num_classes(text_encoder.get("num_classes"))
+    if num_labels is None:
+        raise ConfigError(
+            f"text_encoder.type='classes' gives class ids: model.condition must be 'label_{num_classes}' "
+            f"(a DiT or Latte type), got model.condition={condition!r}"
+        )
+    if num_labels != num_classes:
+        raise ConfigError(
+            f"model.condition={condition!r} has {num_labels} classes but text_encoder.num_classes={num_classes}"
+        )
 
 
 def model_kwargs(
@@ -303,7 +345,9 @@ def build_text_encoder(
             raise ConfigError(
                 f"text_encoder.{key} is not a {type_name} option; valid: {', '.join(sorted(valid))}"
             )
-    if not options.get("from_pretrained"):
+    if type_name == "classes":
+        options.setdefault("num_classes", None)  # required: the encoder names the key when it is missing
+    elif not options.get("from_pretrained"):
         kind = {"t5": "T5", "clip": "CLIP"}[type_name]
         raise ConfigError(f"text_encoder.from_pretrained is required: a local {kind} directory")
     encoder_class = resolve(TEXT_ENCODERS[type_name])
@@ -345,6 +389,7 @@ def count_component_parameters(section: str, type_name: str) -> int:
         "text_encoder": {
             "t5": lambda: T5EncoderModel(T5Config(**T5_XXL_CONFIG)),
             "clip": lambda: CLIPTextModel(CLIPTextConfig(**CLIP_B32_TEXT_CONFIG)),
+            "classes": torch.nn.Module,  # class ids: the model's label table holds the weights
         },
     }[section]
     check_type(section, type_name, tuple(builders))

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from opensora_core.errors import CheckpointError, ConfigError
+from opensora_core.models.registry import check_num_classes
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +145,45 @@ class ClipEncoder(LearnedNullCaption):
         )
         pooled = self.model(input_ids=tokens["input_ids"].to(self.device)).pooler_output
         return {"y": pooled[:, None, None]}
+
+
+class ClassEncoder:
+    """Open-Sora's `classes` text encoder: each prompt is a class id, the model embeds labels itself.
+
+    For class-conditional DiT / Latte (`model.condition="label_<num_classes>"`): a prompt file such as
+    Open-Sora's imagenet_id.txt holds one id per line, a training clip's caption is its id. `y` is a
+    LongTensor [B] of ids; the null label for guidance is `num_classes`, the label embedder's extra row.
+    There are no weights, no token length and no caption width.
+    """
+
+    output_dim = None
+    model_max_length = None
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        model_max_length: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.num_classes = check_num_classes(num_classes)
+        self.device = torch.device(device)
+        self.y_embedder: nn.Module | None = None  # samplers set it; labels need no learned null caption
+
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """{"y": [B] class ids}; a prompt that is not an id in [0, num_classes) is a one-line ConfigError."""
+        return {"y": torch.tensor([self.class_id(t) for t in texts], dtype=torch.long, device=self.device)}
+
+    def null(self, n: int) -> Tensor:
+        """n null labels (id `num_classes`), for classifier-free guidance."""
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)
+
+    def class_id(self, text: str) -> int:
+        value = str(text).strip()
+        if not value.lstrip("-").isdigit() or not 0 <= int(value) < self.num_classes:
+            raise ConfigError(
+                f"prompt or caption {text!r}: text_encoder.type='classes' takes a class id, "
+                f"an integer in [0, {self.num_classes})"
+            )
+        return int(value)

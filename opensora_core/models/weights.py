@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -50,7 +51,9 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
             return state
         if file.suffix == ".safetensors":
             return load_file(file)
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        # upstream training checkpoints (DiT, Latte) also pickle their argparse arguments
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and pickle raise their own types; all mean an unreadable file
         raise CheckpointError(f"{file}: cannot read weights ({first_line(err)})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -62,10 +65,19 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
 
 def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str, section: str = "model") -> None:
     """Load weights with strict=True; a checkpoint of another model type raises CheckpointError."""
+    from opensora_core.models import upstream
+
     file = weights_file(path)
     state = read_state_dict(file)
+    from_upstream = upstream.is_upstream_release(file)
+    if from_upstream:
+        state = upstream.upstream_state(file, state, model)
     if hasattr(model, "adapt_checkpoint"):  # e.g. fixed-size models recompute their position tables
         state = model.adapt_checkpoint(state)
+    state = upstream.fit_caption_length(state, model)
+    if from_upstream:
+        upstream.load_partial(model, file, state, section=section, type_name=type_name)
+        return
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

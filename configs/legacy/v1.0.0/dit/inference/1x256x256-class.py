@@ -1,0 +1,20 @@
+# Open-Sora v1.0.0 configs/dit/inference/1x256x256-class.py: the same keys and values, as that release wrote it.
+# Weights are read from local paths only (HF ids with local_files_only=True, upstream files under pretrained_models/).
+
+num_frames = 1
+fps = 1
+image_size = (256, 256)
+model = dict(
+    type="DiT-XL/2",
+    no_temporal_pos_emb=True,
+    condition="label_1000",
+    from_pretrained="pretrained_models/DiT-XL-2-256x256.pt",
+)
+vae = dict(type="VideoAutoencoderKL", from_pretrained="stabilityai/sd-vae-ft-ema", local_files_only=True)
+text_encoder = dict(type="classes", num_classes=1000)
+scheduler = dict(type="dpm-solver", num_sampling_steps=20, cfg_scale=4.0)
+dtype = "fp16"
+batch_size = 2
+seed = 42
+prompt_path = "./assets/texts/imagenet_id.txt"
+save_dir = "./outputs/samples/"

@@ -1,0 +1,45 @@
+# Open-Sora v1.1.0 configs/opensora/train/16x256x256-mask.py: the same keys and values, as that release wrote it.
+# Weights are read from local paths only (HF ids with local_files_only=True, upstream files under pretrained_models/).
+
+dataset = dict(
+    type="VideoTextDataset", data_path=None, num_frames=16, frame_interval=3, image_size=(256, 256)
+)
+num_workers = 4
+dtype = "bf16"
+grad_checkpoint = True
+plugin = "zero2"
+sp_size = 1
+model = dict(
+    type="STDiT-XL/2",
+    space_scale=0.5,
+    time_scale=1.0,
+    from_pretrained="pretrained_models/PixArt-XL-2-512x512.pth",
+    enable_flashattn=True,
+    enable_layernorm_kernel=True,
+)
+mask_ratios = {
+    "mask_no": 0.7,
+    "mask_random": 0.15,
+    "mask_head": 0.05,
+    "mask_tail": 0.05,
+    "mask_head_tail": 0.05,
+}
+vae = dict(type="VideoAutoencoderKL", from_pretrained="stabilityai/sd-vae-ft-ema", local_files_only=True)
+text_encoder = dict(
+    type="t5",
+    from_pretrained="DeepFloyd/t5-v1_1-xxl",
+    model_max_length=120,
+    shardformer=True,
+    local_files_only=True,
+)
+scheduler = dict(type="iddpm", timestep_respacing="")
+seed = 42
+outputs = "outputs"
+wandb = False
+epochs = 1000
+log_every = 10
+ckpt_every = 1000
+load = None
+batch_size = 8
+lr = 2e-05
+grad_clip = 1.0

@@ -1,0 +1,30 @@
+# Open-Sora v1.2.0 configs/opensora/inference/16x256x256.py: the same keys and values, as run by this project's commands.
+# Weights are read from local paths only (HF ids with local_files_only=True, upstream files under pretrained_models/).
+
+num_frames = 16
+fps = 24 // 3
+image_size = (256, 256)
+model = dict(
+    type="STDiT-XL/2",
+    space_scale=0.5,
+    time_scale=1.0,
+    enable_flash_attn=True,
+    enable_layernorm_kernel=True,
+    from_pretrained="PRETRAINED_MODEL",
+)
+vae = dict(
+    type="VideoAutoencoderKL",
+    from_pretrained="stabilityai/sd-vae-ft-ema",
+    micro_batch_size=4,
+    local_files_only=True,
+)
+text_encoder = dict(
+    type="t5", from_pretrained="DeepFloyd/t5-v1_1-xxl", model_max_length=120, local_files_only=True
+)
+scheduler = dict(type="iddpm", num_sampling_steps=100, cfg_scale=7.0, cfg_channel=3)
+dtype = "bf16"
+prompt_path = "./assets/texts/t2v_samples.txt"
+prompt = None
+batch_size = 1
+seed = 42
+save_dir = "./samples/samples/"
