@@ -252,7 +252,11 @@ def grey_clip(
 
 # Open-Sora's batch-size search and eval-loss configs hold no training bucket_config (their entries are
 # search ranges or `(None, batch_size)`): each loads through its own command's loader.
-SEARCH_CONFIGS = {Path("configs/opensora-v1-2/misc/bs.py"), Path("configs/opensora-v1-1/train/benchmark.py")}
+SEARCH_CONFIGS = {
+    Path("configs/opensora-v1-2/misc/bs.py"),
+    Path("configs/opensora-v1-1/train/benchmark.py"),
+    Path("configs/legacy/v1.1.0/opensora-v1-1/train/benchmark.py"),
+}
 EVAL_LOSS_CONFIGS = {Path("configs/opensora-v1-2/misc/eval_loss.py")}
 
 
