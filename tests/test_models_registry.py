@@ -42,7 +42,7 @@ def test_registry_lists_every_open_sora_name():
         "VAE_Temporal_SD",
         "VideoAutoencoderPipeline",
     )
-    assert TEXT_ENCODER_TYPES == ("t5", "clip")
+    assert TEXT_ENCODER_TYPES == ("t5", "clip", "classes")
 
 
 def test_config_overrides_and_derived_sizes_reach_the_model():
