@@ -107,10 +107,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
     from opensora_core.stages import run_training
     from opensora_core.storage import local_mirror
+    from opensora_core.train import check_load
 
     # --num-train-workers overrides the config key, so it is validated with it (sp_size must divide it)
     overrides = _config_args(ns, extra=("snapshot", "features", "ray_address"))
     cfg = load_config(ns.config, overrides, mode="train")
+    check_load(cfg.raw)  # a wrong `load` fails before anything is written, the log file included
     console.log_to(local_mirror(cfg.training.outputs), "train")
     with tracking.stage_run("train", parent_run_id=None) as run_id:
         if run_id:
@@ -143,7 +145,7 @@ def _mlflow_run(run_id: str | None) -> str:
     from opensora_core import tracking
 
     if run_id is None:
-        return "none (MLFLOW_TRACKING_URI is not set)"
+        return "none" if tracking.tracking_enabled() else "none (MLFLOW_TRACKING_URI is not set)"
     return tracking.run_url(run_id) or f"{run_id} in {os.environ.get('MLFLOW_TRACKING_URI')}"
 
 
@@ -193,9 +195,17 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
     out = ns.output or str(find_checkpoints(ns.checkpoint)[0].parent / "eval")
     runs = [ns.mlflow_run_id] if ns.mlflow_run_id else []
-    for result in evaluate_checkpoints(cfg, ns.checkpoint, out, mlflow_run_ids=runs):
+    console.log_to(Path(out).resolve().parent, "evaluate")  # beside the samples, not among them
+    start = time.perf_counter()
+    results = evaluate_checkpoints(cfg, ns.checkpoint, out, mlflow_run_ids=runs)
+    for result in results:
         for path in result.samples:
             print(path)
+    console.summary(
+        f"evaluated {len(results)} checkpoint(s): {sum(len(r.samples) for r in results)} samples in "
+        f"{console.duration(time.perf_counter() - start)}, under {out}",
+        f"MLflow run: {_mlflow_run(ns.mlflow_run_id)}",
+    )
     return 0
 
 
@@ -217,8 +227,14 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from opensora_core.sample.inference import run_inference
 
     cfg = load_config(ns.config, _config_args(ns), mode="sample")
+    console.log_to(Path(cfg.sampling.save_dir).resolve().parent, "sample")  # not among the samples
+    start, count = time.perf_counter(), 0
     for path in run_inference(cfg):
         print(path)
+        count += 1
+    console.summary(
+        f"sampled {count} video(s) in {console.duration(time.perf_counter() - start)}, under {cfg.sampling.save_dir}"
+    )
     return 0
 
 
