@@ -50,6 +50,7 @@ def cmd_scan(ns: argparse.Namespace) -> int:
 
     console.log_to(Path(ns.output).parent, "scan")
     result = scan(Path(ns.input), Path(ns.output), workers=ns.workers, progress=not ns.quiet)
+    console.summary()  # scan printed its own; this adds where the log file is
     return 0 if result.n_ok else 1
 
 
@@ -99,6 +100,7 @@ def cmd_precompute(ns: argparse.Namespace) -> int:
         f"{info.stored_bytes() / rows:,.0f} bytes per row; in {info.path} "
         f"({console.duration(time.perf_counter() - start)})"
     )
+    console.summary()  # the line above is the summary; this adds where the log file is
     return 0
 
 
@@ -107,12 +109,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
     from opensora_core.stages import run_training
     from opensora_core.storage import local_mirror
-    from opensora_core.train import check_load
 
     # --num-train-workers overrides the config key, so it is validated with it (sp_size must divide it)
     overrides = _config_args(ns, extra=("snapshot", "features", "ray_address"))
     cfg = load_config(ns.config, overrides, mode="train")
-    check_load(cfg.raw)  # a wrong `load` fails before anything is written, the log file included
     console.log_to(local_mirror(cfg.training.outputs), "train")
     with tracking.stage_run("train", parent_run_id=None) as run_id:
         if run_id:
@@ -442,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        path = console.open_log()  # what led to it stays readable
+        if path is not None:
+            print(f"log: {path}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class Routing:
 
     verbose: bool
     console: logging.Handler
+    destination: Path | None = None  # the log file `log_to` named
     file: logging.FileHandler | None = None
     pending: list[logging.LogRecord] | None = None  # records logged before the file was opened
 
@@ -118,12 +119,23 @@ def stop() -> None:
 
 
 def log_to(directory: Path, command: str) -> Path | None:
-    """Open `{directory}/logs/{command}-{time}.log` for everything logged from now on (and before, since
-    `start`); says where on the console once. Without `start` (a library caller) nothing changes."""
+    """Name this command's log file, `{directory}/logs/{command}-{time}.log`; it is created by `open_log`
+    (when Ray starts, or at the summary), so a command refused before doing anything writes nothing. Until
+    then records wait in memory. Without `start` (a library caller) nothing changes."""
     routing = _routing
-    if routing is None or routing.file is not None:
-        return routing.file and Path(routing.file.baseFilename)
-    path = Path(directory) / "logs" / f"{command}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    if routing is None:
+        return None
+    if routing.destination is None:
+        routing.destination = Path(directory) / "logs" / f"{command}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    return routing.destination
+
+
+def open_log() -> Path | None:
+    """Create the log file `log_to` named, with every record logged so far; later ones follow."""
+    routing = _routing
+    if routing is None or routing.destination is None or routing.file is not None:
+        return log_file()
+    path = routing.destination
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.getLogger().level)  # Ray Data's logger passes on its DEBUG records
@@ -135,7 +147,6 @@ def log_to(directory: Path, command: str) -> Path | None:
         handler.handle(record)
     root.addHandler(handler)
     routing.file, routing.pending = handler, None
-    print(f"log: {path}", file=sys.stderr)
     return path
 
 
@@ -264,6 +275,8 @@ def duration(seconds: float) -> str:
 
 
 def summary(*lines: str) -> None:
-    """A command's closing lines, on stderr beside its bar (stdout keeps the machine-readable result)."""
-    for line in lines:
+    """A command's closing lines, on stderr beside its bar (stdout keeps the machine-readable result), and
+    where its log file is. An error a user can fix stays one line: it has no summary."""
+    path = open_log()
+    for line in (*lines, *([f"log: {path}"] if path else [])):
         print(line, file=sys.stderr)

@@ -35,6 +35,7 @@ def connect_ray(ray_address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    console.open_log()  # from here on there are internals to keep
     console.route_ray_loggers()
     # "local" rather than None: None would also join any cluster found under /tmp/ray
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
