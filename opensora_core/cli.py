@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from opensora_core import console
 from opensora_core.config.args import add_common_args, add_sample_args, add_train_args
 from opensora_core.errors import OpenSoraError
 
@@ -18,8 +19,19 @@ CONFIG_ONLY = ("command", "func", "config_command", "mode")
 
 
 def _config_args(ns: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The argparse values that are config overrides (everything but our own plumbing)."""
-    return {k: v for k, v in vars(ns).items() if k not in CONFIG_ONLY + extra}
+    """The argparse values that are config overrides (everything but our own plumbing). `--verbose` is
+    our switch (a bool), except where it is Open-Sora's inference verbosity level (an int config key)."""
+    return {
+        k: v
+        for k, v in vars(ns).items()
+        if k not in CONFIG_ONLY + extra and not (k == "verbose" and isinstance(v, bool))
+    }
+
+
+def _shows_logs(ns: argparse.Namespace) -> bool:
+    """`--verbose`, or Open-Sora's `--verbose 2` (its detailed level) where the command takes a level."""
+    verbose = getattr(ns, "verbose", False)
+    return verbose is True or (type(verbose) is int and verbose >= 2)
 
 
 def cmd_config_show(ns: argparse.Namespace) -> int:
@@ -36,7 +48,9 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
 def cmd_scan(ns: argparse.Namespace) -> int:
     from opensora_core.data.scan import scan
 
+    console.log_to(Path(ns.output).parent, "scan")
     result = scan(Path(ns.input), Path(ns.output), workers=ns.workers, progress=not ns.quiet)
+    console.summary()  # scan printed its own; this adds where the log file is
     return 0 if result.n_ok else 1
 
 
@@ -52,8 +66,17 @@ def cmd_bucket(ns: argparse.Namespace) -> int:
         if (snap.path / REPORT_PLOT_NAME).is_file():
             print(f"plot: {snap.path / REPORT_PLOT_NAME}")
         return 0
+    from opensora_core.storage import local_mirror
+
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    console.log_to(local_mirror(ns.output).parent, "bucket")
+    start = time.perf_counter()
     info = build_buckets(cfg, Path(ns.meta), ns.output, seed=ns.seed, epoch=ns.epoch)  # a path or a URI
+    m = info.manifest
+    console.summary(
+        f"bucket snapshot {m.snapshot_id}: {m.num_kept} samples kept in {len(m.buckets)} buckets, "
+        f"of {m.num_samples}, in {console.duration(time.perf_counter() - start)}"
+    )
     print(info.path)
     return 0
 
@@ -62,8 +85,11 @@ def cmd_precompute(ns: argparse.Namespace) -> int:
     from opensora_core.config import load_config
     from opensora_core.features.store import ERRORS_NAME
     from opensora_core.stages import precompute_stage
+    from opensora_core.storage import local_mirror
 
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    console.log_to(local_mirror(cfg.training.outputs), "precompute")
+    start = time.perf_counter()
     info = precompute_stage(cfg, ns.snapshot, ns.output, progress=not ns.quiet)
     m = info.manifest
     rows = max(1, m.num_encoded + m.num_reused)
@@ -71,24 +97,40 @@ def cmd_precompute(ns: argparse.Namespace) -> int:
     print(
         f"feature snapshot {m.feature_id}: {m.num_samples} samples x {m.views} view(s); "
         f"{m.num_encoded} rows encoded, {m.num_reused} reused, {m.num_errors} samples left out{errors}; "
-        f"{info.stored_bytes() / rows:,.0f} bytes per row; in {info.path}"
+        f"{info.stored_bytes() / rows:,.0f} bytes per row; in {info.path} "
+        f"({console.duration(time.perf_counter() - start)})"
     )
+    console.summary()  # the line above is the summary; this adds where the log file is
     return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from opensora_core import tracking
     from opensora_core.config import load_config
     from opensora_core.stages import run_training
+    from opensora_core.storage import local_mirror
 
     # --num-train-workers overrides the config key, so it is validated with it (sp_size must divide it)
     overrides = _config_args(ns, extra=("snapshot", "features", "ray_address"))
     cfg = load_config(ns.config, overrides, mode="train")
-    result = run_training(
-        cfg,
-        snapshot=ns.snapshot,
-        features=ns.features,
-        num_workers=ns.num_train_workers,
-        ray_address=ns.ray_address,
+    console.log_to(local_mirror(cfg.training.outputs), "train")
+    with tracking.stage_run("train", parent_run_id=None) as run_id:
+        if run_id:
+            tracking.log_config(run_id, cfg.raw.to_dict(), ns.config)
+        result = run_training(
+            cfg,
+            snapshot=ns.snapshot,
+            features=ns.features,
+            num_workers=ns.num_train_workers,
+            ray_address=ns.ray_address,
+            mlflow_run_id=run_id,
+            progress=True,
+        )
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    console.summary(
+        f"trained to global step {result.global_step} in {console.duration(result.elapsed)}, loss {loss}",
+        f"checkpoint: {result.checkpoint}",
+        f"MLflow run: {_mlflow_run(run_id)}",
     )
     print(
         json.dumps(
@@ -96,6 +138,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _mlflow_run(run_id: str | None) -> str:
+    """Where a command's MLflow run is, for its summary."""
+    from opensora_core import tracking
+
+    if run_id is None:
+        return "none" if tracking.tracking_enabled() else "none (MLFLOW_TRACKING_URI is not set)"
+    return tracking.run_url(run_id) or f"{run_id} in {os.environ.get('MLFLOW_TRACKING_URI')}"
 
 
 def _console() -> Any:
@@ -144,9 +195,17 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
     out = ns.output or str(find_checkpoints(ns.checkpoint)[0].parent / "eval")
     runs = [ns.mlflow_run_id] if ns.mlflow_run_id else []
-    for result in evaluate_checkpoints(cfg, ns.checkpoint, out, mlflow_run_ids=runs):
+    console.log_to(Path(out).resolve().parent, "evaluate")  # beside the samples, not among them
+    start = time.perf_counter()
+    results = evaluate_checkpoints(cfg, ns.checkpoint, out, mlflow_run_ids=runs)
+    for result in results:
         for path in result.samples:
             print(path)
+    console.summary(
+        f"evaluated {len(results)} checkpoint(s): {sum(len(r.samples) for r in results)} samples in "
+        f"{console.duration(time.perf_counter() - start)}, under {out}",
+        f"MLflow run: {_mlflow_run(ns.mlflow_run_id)}",
+    )
     return 0
 
 
@@ -168,8 +227,14 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from opensora_core.sample.inference import run_inference
 
     cfg = load_config(ns.config, _config_args(ns), mode="sample")
+    console.log_to(Path(cfg.sampling.save_dir).resolve().parent, "sample")  # not among the samples
+    start, count = time.perf_counter(), 0
     for path in run_inference(cfg):
         print(path)
+        count += 1
+    console.summary(
+        f"sampled {count} video(s) in {console.duration(time.perf_counter() - start)}, under {cfg.sampling.save_dir}"
+    )
     return 0
 
 
@@ -347,14 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
+    _add_verbose(parser)
     return parser
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` on every command (after its name, with its other options)."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    taken = any("--verbose" in a.option_strings for a in parser._actions)  # Open-Sora's level (sample)
+    if not subcommands and not taken:
+        parser.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show library and Ray logs on the console (always in the log file)",
+        )
+    for action in subcommands:
+        for child in action.choices.values():
+            _add_verbose(child)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("OPENSORA_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
-    )
     ns = build_parser().parse_args(argv)
+    console.start(verbose=_shows_logs(ns), level=os.environ.get("OPENSORA_LOG_LEVEL", "INFO"))
     try:
         return ns.func(ns)
     except OpenSoraError as err:
@@ -363,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        path = console.open_log()  # what led to it stays readable
+        if path is not None:
+            print(f"log: {path}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

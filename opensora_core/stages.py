@@ -150,6 +150,7 @@ def run_training(
     mlflow_run_id: str | None = None,
     num_workers: int | None = None,
     ray_address: str | None = None,
+    progress: bool = False,
 ) -> Any:
     """Train on a bucket snapshot, built from dataset.data_path first when none is given.
 
@@ -176,4 +177,5 @@ def run_training(
         mlflow_run_id=mlflow_run_id,
         num_workers=num_workers or cfg.training.num_train_workers,
         ray_address=ray_address,
+        progress=progress,
     )

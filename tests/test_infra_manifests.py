@@ -268,7 +268,7 @@ def test_rayjob_validation_rejects_mistakes(mistake: Callable[[dict], None], mes
 
 
 def test_rayjob_entrypoint_trains_on_every_gpu_of_the_cluster(monkeypatch, capsys):
-    from opensora_core import cli, stages
+    from opensora_core import cli, console, stages
 
     job = load_rayjob_file()["RayJob"]
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -280,9 +280,13 @@ def test_rayjob_entrypoint_trains_on_every_gpu_of_the_cluster(monkeypatch, capsy
 
     def capture_launch(cfg: Any, **kwargs: Any) -> Any:
         launched.update(cfg=cfg, **kwargs)
-        return type("Result", (), {"checkpoint": None, "global_step": 0, "final_loss": None})()
+        return type(
+            "Result", (), {"checkpoint": None, "global_step": 0, "final_loss": None, "elapsed": 0.0}
+        )()
 
     monkeypatch.setattr(stages, "run_training", capture_launch)
+    # the command's log file belongs under the cluster's shared storage (outputs), not on this machine
+    monkeypatch.setattr(console, "log_to", lambda directory, command: None)
     assert cli.main([arg.replace(IMAGE_REPO_DIR, str(REPO)) for arg in argv[1:]]) == 0
 
     cfg = launched["cfg"]

@@ -145,12 +145,13 @@ def _assign_in_ray(
     ds = ray.data.from_arrow(
         [keys.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     )
+    ds.set_name(f"bucket-build-seed{seed}-epoch{epoch}")  # the dataset's name on Ray's dashboard and logs
     ds = ds.map_batches(
         bucket_indices,
         batch_format="pyarrow",
         batch_size=None,  # one call per block
         fn_kwargs={"cfg": cfg, "frame_interval": frame_interval, "seed": seed, "epoch": epoch},
-        concurrency=num_workers,
+        compute=ray.data.TaskPoolStrategy(size=num_workers),  # at most num_workers tasks at once
     )
     columns = {
         "resolution_index": np.full(n, -1, dtype=np.int16),

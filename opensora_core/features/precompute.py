@@ -273,6 +273,7 @@ def _encode_in_ray(
     actor_cpus = 1 if gpus else 0.5
     read_cpus = 1 if gpus else 0.5  # a 1-CPU machine still fits one actor beside one read
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 8 * cpus))
+    ds.set_name(f"precompute-{settings.transform_name}")  # the dataset's name on Ray's dashboard and logs
     # A read task reserves the memory of its decoded group (float32 pixels, twice for the transform), so
     # Ray starts no more decodes than fit; being unlike the actors' resources, it also keeps Ray Data
     # from fusing the reads into the encoder actors, which would then decode and encode in turn.

@@ -114,3 +114,15 @@ def skip_cpu_shm_kernel() -> None:
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch, "build_shm_op"):
         ds_torch.build_shm_op = lambda: None
+
+
+def ignore_deepspeeds_all_gather_deprecation() -> None:
+    """torch 2.13 deprecates `torch.distributed.all_gather_into_tensor`; DeepSpeed's comm backend
+    (`deepspeed/comm/torch.py`, `get_all_gather_function`) still calls it for every ZeRO all-gather. We
+    call neither ourselves, so the warning is only this one, ignored by its message until DeepSpeed
+    moves to `all_gather_single`."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+    )

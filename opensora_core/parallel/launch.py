@@ -24,11 +24,19 @@ _JOB_KEY = "job"  # Ray Train hands its workers a dict: the job travels under th
 
 
 def connect_ray(ray_address: str | None = None) -> None:
-    """Join the Ray cluster at `ray_address` (else RAY_ADDRESS), or start a local one."""
+    """Join the Ray cluster at `ray_address` (else RAY_ADDRESS), or start a local one.
+
+    Ray's logs and what its workers print reach this process and go where the CLI routes them
+    (opensora_core.console: the command's log file, and its console only with `--verbose`).
+    """
     import ray
+
+    from opensora_core import console
 
     if ray.is_initialized():
         return
+    console.open_log()  # from here on there are internals to keep
+    console.route_ray_loggers()
     # "local" rather than None: None would also join any cluster found under /tmp/ray
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
@@ -38,6 +46,7 @@ def connect_ray(ray_address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True, _system_config={"worker_niceness": 0})
     else:
         ray.init(address=address, log_to_driver=True)
+    console.route_ray_worker_output()
     log.info("Ray: %s", "started a local instance" if address == "local" else f"connected to {address}")
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +88,12 @@ def evaluate_checkpoint(
     *,
     mlflow_run_id: str | None = None,
     progress: bool = True,
+    on_sample: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Sample every eval prompt from `checkpoint` into `output_dir/step_{G}/`, log them under step G."""
+    """Sample every eval prompt from `checkpoint` into `output_dir/step_{G}/`, log them under step G.
+
+    `progress` draws a bar over each sample's steps; `on_sample(1)` is called after each sample instead
+    when the caller draws one bar over all of them."""
     from opensora_core.features.lineage import sampling_config
     from opensora_core.sample.generate import build_components, generate
     from opensora_core.sample.writer import save_sample
@@ -112,10 +116,12 @@ def evaluate_checkpoint(
             image_size=settings.image_size,
             fps=settings.fps,
             seed=settings.seed + index,
-            progress=progress,
+            progress=progress and on_sample is None,
         )
         path = save_sample(video[0], out_dir / f"sample_{index:04d}", fps=settings.fps)
         result.samples.append(str(path))
+        if on_sample is not None:
+            on_sample(1)
     result.sampling_seconds = time.perf_counter() - start
     (out_dir / "prompts.json").write_text(json.dumps(settings.prompts, indent=2))
     if mlflow_run_id:
@@ -161,11 +167,17 @@ def evaluate_checkpoints(
     mlflow_run_ids: Sequence[str] = (),
     progress: bool = True,
 ) -> list[EvalResult]:
-    """Evaluate every checkpoint `find_checkpoints(path)` finds; each result goes to every given run."""
+    """Evaluate every checkpoint `find_checkpoints(path)` finds; each result goes to every given run.
+    `progress`: one bar over all the samples."""
+    from opensora_core.console import counting
+
     results = []
-    for checkpoint in find_checkpoints(path):
-        result = evaluate_checkpoint(config, checkpoint, output_dir, progress=progress)
-        for run_id in mlflow_run_ids:
-            log_eval_result(run_id, result)
-        results.append(result)
+    checkpoints = find_checkpoints(path)
+    total = len(checkpoints) * len(EvalSettings.from_config(config).prompts)
+    with counting("evaluate", total, unit="samples", enabled=progress) as advance:
+        for checkpoint in checkpoints:
+            result = evaluate_checkpoint(config, checkpoint, output_dir, progress=False, on_sample=advance)
+            for run_id in mlflow_run_ids:
+                log_eval_result(run_id, result)
+            results.append(result)
     return results

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opensora_core.config import ValidatedConfig
+from opensora_core.console import counting
 from opensora_core.errors import ConfigError
 from opensora_core.sample.mask_strategy import (
     LOOP_MARK,
@@ -163,30 +164,32 @@ def run_inference(cfg: ValidatedConfig) -> Iterator[Path]:
     # every latent frame is a pixel frame and there is nothing to snap to.
     align = raw.get("align") if has_temporal_compression(parts.vae) else None
     jobs = [(start_index + i, i, k) for i in range(len(texts)) for k in range(num_sample)]
-    for first in range(0, len(jobs), s.batch_size):
-        batch = jobs[first : first + s.batch_size]
-        result = generate_long(
-            parts,
-            [prompt_with_scores(texts[i], cfg) for _, i, _ in batch],
-            [conditions[i] for _, i, _ in batch],
-            num_frames=num_frames,
-            image_size=size,
-            fps=s.fps,
-            seed=s.seed + first,
-            loop=loop,
-            condition_frame_length=int(raw.get("condition_frame_length", 5)),
-            condition_frame_edit=float(raw.get("condition_frame_edit", 0.0)),
-            align=align,
-            progress=bool(raw.get("verbose", 1)),
-        )
-        for (index, i, k), video in zip(batch, result.video, strict=True):
-            path = sample_path(
-                s.save_dir,
-                index,
-                prompt=texts[i],
-                sample_name=raw.get("sample_name"),
-                prompt_as_path=bool(raw.get("prompt_as_path")),
-                num_sample=num_sample,
-                k=k,
+    with counting("sampling", len(jobs), unit="videos", enabled=bool(raw.get("verbose", 1))) as advance:
+        for first in range(0, len(jobs), s.batch_size):
+            batch = jobs[first : first + s.batch_size]
+            result = generate_long(
+                parts,
+                [prompt_with_scores(texts[i], cfg) for _, i, _ in batch],
+                [conditions[i] for _, i, _ in batch],
+                num_frames=num_frames,
+                image_size=size,
+                fps=s.fps,
+                seed=s.seed + first,
+                loop=loop,
+                condition_frame_length=int(raw.get("condition_frame_length", 5)),
+                condition_frame_edit=float(raw.get("condition_frame_edit", 0.0)),
+                align=align,
+                progress=False,  # one bar over the videos instead of one per batch
             )
-            yield save_sample(video, path, fps=save_fps)
+            for (index, i, k), video in zip(batch, result.video, strict=True):
+                path = sample_path(
+                    s.save_dir,
+                    index,
+                    prompt=texts[i],
+                    sample_name=raw.get("sample_name"),
+                    prompt_as_path=bool(raw.get("prompt_as_path")),
+                    num_sample=num_sample,
+                    k=k,
+                )
+                yield save_sample(video, path, fps=save_fps)
+                advance(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -36,6 +38,7 @@ def train(
     use_gpu: bool | None = None,
     max_failures: int = 0,
     features: str | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train the config's model on a bucket snapshot; checkpoints go to a new `{output_dir}/NNN-{model}/`.
 
@@ -47,6 +50,7 @@ def train(
     A config that trains from features reads the feature snapshot `features` (default: its
     `feature_snapshot` key, else `{outputs}/features`), checked here first (opensora_core.features.lineage);
     without `snapshot_dir` the buckets are those of the bucket snapshot it was made for.
+    `progress=True` draws a progress bar on the driver, fed by rank 0 (opensora_core.train.progress).
     """
     from opensora_core.features.lineage import feature_input
     from opensora_core.parallel.launch import cluster_has_gpus, connect_ray, run_training
@@ -80,16 +84,17 @@ def train(
     if use_gpu is None:
         use_gpu = cluster_has_gpus(num_workers)
     start = time.perf_counter()
-    result = run_training(
-        train_loop_per_worker,
-        job,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        ray_address=ray_address,
-        storage_path=str(local_dir.parent),
-        run_name=local_dir.name,
-        max_failures=max_failures,
-    )
+    with _progress(cfg, progress) as progress_actor:
+        result = run_training(
+            train_loop_per_worker,
+            dataclasses.replace(job, progress=progress_actor),
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            ray_address=ray_address,
+            storage_path=str(local_dir.parent),
+            run_name=local_dir.name,
+            max_failures=max_failures,
+        )
     elapsed = time.perf_counter() - start
     if result.error is not None:
         raise result.error
@@ -108,6 +113,15 @@ def train(
         elapsed=elapsed,
         exp_dir=str(exp_dir),
     )
+
+
+def _progress(cfg: Any, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """The driver's training bar and the actor rank 0 feeds it through (None: no bar)."""
+    from opensora_core.train.progress import training_progress
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    return training_progress(max_steps=cfg.training.max_steps, epochs=cfg.training.epochs)
 
 
 def check_load(config: Any) -> None:

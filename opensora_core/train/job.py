@@ -36,6 +36,9 @@ class TrainJob:
     synthetic_data: dict[str, Any] | None = None  # random clips instead of a snapshot: tests, benchmarks
     features: FeatureInput | None = None  # the feature snapshot the batches are read from
     empty_caption_prob: float = 0.0  # caption_dropout "empty": captions replaced by the stored "" caption
+    progress: Any = (
+        None  # a train.progress.TrainingProgress actor: rank 0 reports each step to the driver's bar
+    )
 
     @property
     def model_type(self) -> str:

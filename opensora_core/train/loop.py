@@ -54,7 +54,9 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 def train_loop_per_worker(job: TrainJob) -> None:
     """Train on this worker's share of the data; every rank of the Ray Train worker group runs this."""
     from opensora_core import tracking
+    from opensora_core.console import log_to_stderr
 
+    log_to_stderr()  # the driver sorts our records from the rest of what the worker prints by their level
     s = job.settings
     w = setup_worker(job)
     rank, engine, loader, grad_accum = w.rank, w.engine, w.loader, s.grad_accum
@@ -63,6 +65,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
         # MLflow records go through a queue, so a tracking server that is away never stalls or fails a
         # step. These first ones are sent now, which also opens the tracking store before step 1.
         run_log = tracking.TrainingLog(job.mlflow_run_id, tags=_run_tags(job, w))
+    progress = job.progress if rank == 0 else None  # the driver's bar; a call rank 0 does not wait for
 
     # ---- train
     # losses stay on the device between logged steps: no host sync, no collective on the other steps
@@ -112,6 +115,10 @@ def train_loop_per_worker(job: TrainJob) -> None:
             global_step += 1
 
             step_metrics.add(step_loss)
+            if progress is not None:
+                progress.update.remote(
+                    epoch=epoch, step=step + 1, steps_per_epoch=steps_per_epoch, global_step=global_step
+                )
             done = s.max_steps is not None and global_step >= s.max_steps
             at_end = done or (epoch == s.epochs - 1 and step == steps_per_epoch - 1)
             log_now = global_step % s.log_every == 0 or at_end
@@ -133,6 +140,8 @@ def train_loop_per_worker(job: TrainJob) -> None:
                         epoch, step + 1, global_step, totals.loss, lr, metrics["grad_norm"],
                         metrics["samples_per_s"], bucket,
                     )  # fmt: skip
+                    if progress is not None:
+                        progress.update.remote(loss=totals.loss, samples_per_s=metrics["samples_per_s"])
                     if run_log:
                         run_log.log_metrics(metrics, step=global_step)
                         if bucket not in logged_buckets:
@@ -188,7 +197,12 @@ def setup_worker(job: TrainJob) -> Worker:
     import ray.train
     import ray.train.torch
 
-    from opensora_core.parallel.deepspeed_config import PLUGINS, deepspeed_config, skip_cpu_shm_kernel
+    from opensora_core.parallel.deepspeed_config import (
+        PLUGINS,
+        deepspeed_config,
+        ignore_deepspeeds_all_gather_deprecation,
+        skip_cpu_shm_kernel,
+    )
     from opensora_core.schedulers import build_scheduler
 
     s = job.settings
@@ -206,6 +220,7 @@ def setup_worker(job: TrainJob) -> Worker:
     if not on_gpu:
         skip_cpu_shm_kernel()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=False)
+    ignore_deepspeeds_all_gather_deprecation()
 
     # ---- models: text encoder and VAE frozen, the diffusion model trained
     text_encoder, vae, model = _build_models(job, device, dtype)
