@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from opensora_core.errors import ConfigError
@@ -133,3 +134,37 @@ def _number(
         bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
         raise ConfigError(f"{key}={value}: must be {bounds}")
     return float(value)
+
+
+def check_vae_training(cfg: Mapping[str, Any], settings: VaeLossSettings) -> None:
+    """Before any worker starts: the local files VAE training reads exist, and some term trains the VAE."""
+    from opensora_core.models.vae_pipeline import spatial_weights_dir
+
+    if not (settings.use_real_rec_loss or settings.use_z_rec_loss or settings.use_image_identity_loss):
+        if not settings.discriminator:
+            raise ConfigError(
+                "use_real_rec_loss, use_z_rec_loss and use_image_identity_loss are all False and there is no "
+                "discriminator: nothing trains the VAE; set one of them True"
+            )
+    if settings.discriminator and settings.discriminator_factor <= 0:
+        raise ConfigError(
+            f"discriminator_factor={settings.discriminator_factor}: a discriminator needs a factor > 0 "
+            "(or remove the discriminator section)"
+        )
+    if settings.uses_perceptual and not settings.lpips_path:
+        raise ConfigError(
+            f"perceptual_loss_weight={settings.perceptual_loss_weight}: needs lpips_path, a local LPIPS (VGG16) "
+            "weights file (nothing is downloaded); or set perceptual_loss_weight = 0"
+        )
+    if settings.uses_perceptual and not Path(settings.lpips_path).is_file():
+        raise ConfigError(
+            f"lpips_path={settings.lpips_path!r}: no such file (perceptual_loss_weight="
+            f"{settings.perceptual_loss_weight} needs local LPIPS weights; nothing is downloaded)"
+        )
+    from opensora_core.models.weights import weights_file
+
+    model = cfg["model"]
+    if model.get("from_pretrained"):
+        weights_file(model["from_pretrained"])  # e.g. stage2's outputs/vae_stage1: a checkpoint directory
+    elif model.get("type") == "VideoAutoencoderPipeline":
+        spatial_weights_dir(model.get("vae_2d") or {}, where="model.vae_2d")  # the image VAE starts trained
