@@ -1,5 +1,5 @@
 """`opensora` command line: config | scan | bucket | precompute | train | plan | search-bs | evaluate |
-eval-loss | sample | models | demo-data."""
+eval-loss | sample | vae | models | demo-data."""
 
 from __future__ import annotations
 
@@ -238,6 +238,17 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vae_reconstruct(ns: argparse.Namespace) -> int:
+    from opensora_core.config import load_config
+    from opensora_core.sample.vae_reconstruct import reconstruct, summary_line, summary_table
+
+    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="sample")
+    result = reconstruct(cfg, data=ns.data, snapshot=ns.snapshot, output=ns.output, progress=not ns.quiet)
+    _console().print(summary_table(result))
+    print(summary_line(result))
+    return 0 if result.files else 1
+
+
 def cmd_models(ns: argparse.Namespace) -> int:
     from opensora_core.models.registry import (
         MODEL_TYPES,
@@ -399,6 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(sample)
     add_sample_args(sample)
     sample.set_defaults(func=cmd_sample)
+
+    vae = sub.add_parser("vae", help="VAE tools (Open-Sora's configs/vae)")
+    vae_sub = vae.add_subparsers(dest="vae_command", required=True)
+    recon = vae_sub.add_parser(
+        "reconstruct", help="encode and decode clips and images; PSNR, SSIM (and LPIPS) per file"
+    )
+    recon.add_argument("config", help="a VAE config, e.g. configs/vae/inference/video.py")
+    source = recon.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data", help="media folder, path,text CSV or metadata .parquet (default: data_path)"
+    )
+    source.add_argument("--snapshot", help="a bucket snapshot: reconstruct its files")
+    recon.add_argument("--output", help="where originals, reconstructions and tables go (default: save_dir)")
+    recon.add_argument("--quiet", action="store_true", help="no progress bar")
+    recon.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
+    recon.set_defaults(func=cmd_vae_reconstruct)
 
     models = sub.add_parser("models", help="list model types with their parameter counts")
     models.set_defaults(func=cmd_models)

@@ -142,6 +142,11 @@ def current_snapshot(cfg: ValidatedConfig) -> str:
     return str(open_snapshot(snapshot_root(cfg)).path)
 
 
+def fixed_size_clips(cfg: ValidatedConfig) -> bool:
+    """Whether training reads fixed-size clips (VideoTextDataset without buckets) rather than buckets."""
+    return cfg.dataset is not None and cfg.dataset.type == "VideoTextDataset" and cfg.bucket_config is None
+
+
 def run_training(
     cfg: ValidatedConfig,
     *,
@@ -162,6 +167,13 @@ def run_training(
     from opensora_core.train import check_load, train
 
     check_load(cfg.raw)  # a wrong `load` fails before the scan and bucket build write anything
+    if fixed_size_clips(cfg):  # VideoTextDataset (the VAE configs): the scanned table, no buckets
+        clips = snapshot if snapshot is not None else scan_stage(cfg)[0]
+        return train(
+            cfg, snapshot_dir=None, clips=str(clips), output_dir=cfg.training.outputs,
+            mlflow_run_id=mlflow_run_id, num_workers=num_workers or cfg.training.num_train_workers,
+            ray_address=ray_address,
+        )  # fmt: skip
     from_features = features is not None or (cfg.features is not None and cfg.features.enabled)
     stored_only = cfg.dataset is not None and cfg.dataset.type == "BatchFeatureDataset"
     if snapshot is None and features is None and not stored_only:

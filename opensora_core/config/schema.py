@@ -22,8 +22,10 @@ from opensora_core.features.settings import FeatureSettings, feature_settings
 from opensora_core.models.registry import (
     MODEL_TYPES,
     TEXT_ENCODER_TYPES,
+    VAE_MODEL_TYPES,
     VAE_TYPES,
     check_class_condition,
+    check_vae_options,
     model_num_heads,
 )
 from opensora_core.parallel.deepspeed_config import check_plugin
@@ -31,6 +33,7 @@ from opensora_core.parallel.layout import check_heads_divisible, check_sp_size
 from opensora_core.registry import check_type
 from opensora_core.schedulers import SCHEDULER_TYPES, check_scheduler_type
 from opensora_core.train.mask_ratios import check_mask_ratios
+from opensora_core.train.vae_settings import VaeLossSettings, vae_loss_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ DATASET_TYPES = ("VariableVideoTextDataset", "VideoTextDataset", "BatchFeatureDa
 # Top-level sizes of a config without vae / text_encoder sections (stage1_feat.py), checked against the features
 FEATURE_DIM_KEYS = ("vae_out_channels", "model_max_length", "text_encoder_output_dim")
 Mode = Literal["train", "sample"]
+# Keys only a training config sets: they tell a VAE training config from a VAE inference config, as both
+# carry a fixed-size dataset (configs/vae/{train,inference}/*.py)
+VAE_TRAINING_KEYS = ("epochs", "outputs", "lr", "ckpt_every", "load")
 
 
 @dataclass(frozen=True)
@@ -117,16 +123,30 @@ class ValidatedConfig:
     model: ComponentSpec
     vae: ComponentSpec | None
     text_encoder: ComponentSpec | None
-    scheduler: ComponentSpec
+    scheduler: ComponentSpec | None  # None for a VAE model (train_vae.py / inference_vae.py)
     dataset: ComponentSpec | None = None
     bucket_config: BucketConfig | None = None
     training: TrainingSettings | None = None
     sampling: SamplingSettings | None = None
     features: FeatureSettings | None = None  # training only: which stored features it reads
+    vae_loss: VaeLossSettings | None = None  # a VAE model's losses and mixed strategy
+
+    @property
+    def is_vae_model(self) -> bool:
+        """Whether the config trains / runs a VAE (`model.type` a VAE) rather than a diffusion model."""
+        return self.model.type in VAE_MODEL_TYPES
+
+
+def _model_type(cfg: Config) -> Any:
+    model = cfg.get("model")
+    return model.get("type") if isinstance(model, (dict, ConfigDict)) else None
 
 
 def detect_mode(cfg: Config) -> Mode:
-    """Training configs carry a dataset; inference configs do not."""
+    """Training configs carry a dataset; inference configs do not. A VAE config has a dataset either way
+    (the clips it reconstructs): it trains when it sets a training-only key."""
+    if _model_type(cfg) in VAE_MODEL_TYPES:
+        return "train" if any(cfg.get(key) is not None for key in VAE_TRAINING_KEYS) else "sample"
     return "train" if cfg.get("dataset") is not None or cfg.get("bucket_config") is not None else "sample"
 
 
@@ -134,7 +154,9 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
     """Check every key a stage will use; raise ConfigError naming the first bad key."""
     check_no_credentials(cfg)
     mode = mode or detect_mode(cfg)
-    model = _component(cfg, "model", MODEL_TYPES, required=True)
+    if _model_type(cfg) in VAE_MODEL_TYPES:
+        return _validate_vae_config(cfg, mode, path)
+    model = _component(cfg, "model", MODEL_TYPES + VAE_MODEL_TYPES, required=True)
     vae = _component(cfg, "vae", VAE_TYPES, required=False)
     text_encoder = _component(cfg, "text_encoder", TEXT_ENCODER_TYPES, required=False)
     check_class_condition(model.as_dict(), text_encoder.as_dict() if text_encoder else None)
@@ -156,6 +178,42 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
         )  # fmt: skip
     sampling = _sampling_settings(cfg, dtype)
     return ValidatedConfig(path, mode, cfg, model, vae, text_encoder, scheduler, sampling=sampling)
+
+
+def _validate_vae_config(cfg: Config, mode: Mode, path: str) -> ValidatedConfig:
+    """A config whose `model` is a VAE (Open-Sora's configs/vae/): no scheduler or text encoder; a
+    fixed-size VideoTextDataset (train_vae.py asserts that type), the VAE losses' keys."""
+    model = _component(cfg, "model", VAE_MODEL_TYPES, required=True)
+    check_vae_options(model.as_dict(), "model")
+    dtype = _choice(cfg, "dtype", DTYPES, default="bf16")
+    vae_loss = vae_loss_settings(cfg)
+    dataset = _component(cfg, "dataset", ("VideoTextDataset",), required=mode == "train")
+    if mode == "sample":
+        sampling = _sampling_settings(_with_dataset_sizes(cfg, dataset), dtype)
+        return ValidatedConfig(
+            path, mode, cfg, model, None, None, None, dataset, sampling=sampling, vae_loss=vae_loss
+        )
+    _bucket_config(cfg, dataset)  # num_frames and image_size must be set
+    _image_size(cfg, "image_size")
+    training = _training_settings(cfg, dtype, model)
+    return ValidatedConfig(
+        path, mode, cfg, model, None, None, None, dataset, training=training, vae_loss=vae_loss
+    )
+
+
+def _with_dataset_sizes(cfg: Config, dataset: ComponentSpec | None) -> Config:
+    """`cfg` with the dataset's image_size / num_frames: the clips are read at those (and the CLI's
+    --image-size / --num-frames set them there)."""
+    if dataset is None:
+        return cfg
+    sizes = {
+        k: dataset.options[k] for k in ("image_size", "num_frames") if dataset.options.get(k) is not None
+    }
+    if not sizes:
+        return cfg
+    merged = cfg.copy()
+    merged.merge_from_dict(sizes)
+    return merged
 
 
 def _component(cfg: Config, key: str, valid: tuple[str, ...], *, required: bool) -> ComponentSpec | None:

@@ -1,5 +1,6 @@
 """Training batch sources: a bucket snapshot through the bucket batch sampler, the stored features
-of one (the same sampler, buckets frozen at precompute), or synthetic clips.
+of one (the same sampler, buckets frozen at precompute), fixed-size clips of a metadata table (Open-Sora's
+VideoTextDataset, e.g. the VAE configs), or synthetic clips.
 
 Each gives one rank its micro-batches with `len()`, `set_epoch`, `bucket_of` and a resumable
 `state_dict` / `load_state_dict`.
@@ -30,15 +31,24 @@ def build_batches(
     features: str | None = None,
     video_features: bool = False,
     text_features: bool = False,
-) -> SnapshotBatches | FeatureBatches | SyntheticClips:
-    """This rank's micro-batches: synthetic clips when `synthetic_data` is given, else the snapshot's,
-    read from the feature snapshot directory `features` when one is given.
+    clips_table: str | None = None,
+    batch_size: int | None = None,
+) -> SnapshotBatches | FeatureBatches | FixedClipBatches | SyntheticClips:
+    """This rank's micro-batches: synthetic clips when `synthetic_data` is given, fixed-size clips of
+    `clips_table` (batches of `batch_size`) for a VideoTextDataset, else the snapshot's, read from the
+    feature snapshot directory `features` when one is given.
 
     The `sp_size` consecutive ranks of a sequence-parallel group get the same batches.
     """
     if synthetic_data:
         layout = parallel_layout(rank, world_size, sp_size)
         return SyntheticClips(**synthetic_data, rank=layout.dp_rank, world_size=layout.dp_size, seed=seed)
+    if clips_table:
+        layout = parallel_layout(rank, world_size, sp_size)
+        return FixedClipBatches(
+            clips_table, dict(dataset or {}), batch_size=batch_size or 1, rank=layout.dp_rank,
+            world_size=layout.dp_size, seed=seed, num_workers=num_workers,
+        )  # fmt: skip
     if features:
         return FeatureBatches(
             snapshot_dir, features, dataset, video_features=video_features, text_features=text_features,
@@ -196,6 +206,104 @@ class FeatureBatches(SnapshotBatches):
         self.bucket_names = [b.key.id for b in buckets]
         self._names = {f"{b.num_frames}-{b.height}-{b.width}": b.key.id for b in buckets}
         self.max_batch_size = max(b.batch_size for b in buckets)
+
+
+def clip_rows(table: Any, num_frames: int, frame_interval: int) -> np.ndarray:
+    """Rows of a metadata table that give a `num_frames` clip: images (repeated, as Open-Sora's
+    VideoTextDataset does) and videos with at least num_frames * frame_interval frames."""
+    is_image = table["is_image"].fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    frames = table["num_frames"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.flatnonzero(is_image | (frames >= num_frames * frame_interval))
+
+
+def read_clips_table(path: str) -> Any:
+    """The rows a fixed-size dataset reads: a metadata .parquet, or a bucket snapshot's full table."""
+    import pyarrow.parquet as pq
+
+    from opensora_core.data.snapshot import open_snapshot
+
+    if str(path).endswith(".parquet"):
+        return pq.read_table(path)
+    return open_snapshot(path).full_table()
+
+
+class FixedClipBatches:
+    """Batches of `batch_size` clips at the dataset's one size (VideoTextDataset), shuffled per epoch.
+
+    The epoch's order is a permutation drawn from (seed, epoch); global batch i goes to rank i mod R, so
+    every world size sees the same global steps, and a position is the number of batches consumed.
+    Rows too short for the clip sit out (counted in `left_out`); a file that fails to decode is replaced
+    as in the bucketed datasets, a batch that fails entirely comes out as None.
+    """
+
+    def __init__(
+        self,
+        table_path: str,
+        dataset: dict[str, Any],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+    ) -> None:
+        from opensora_core.data.dataset import VideoTextDataset
+
+        table = read_clips_table(table_path)
+        num_frames, interval = int(dataset["num_frames"]), int(dataset.get("frame_interval", 1) or 1)
+        h, w = (int(v) for v in dataset["image_size"])
+        self.dataset = VideoTextDataset(
+            table, num_frames=num_frames, frame_interval=interval, image_size=(h, w),
+            transform_name=dataset.get("transform_name") or "center", seed=seed,
+        )  # fmt: skip
+        self.rows = clip_rows(table, num_frames, interval)
+        self.left_out = table.num_rows - len(self.rows)
+        self.batch_size, self.max_batch_size = batch_size, batch_size
+        self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
+        self.epoch, self.start = 0, 0
+        self.bucket_names = [f"{num_frames}-{h}-{w}"]
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.batch_size // self.world_size
+
+    @property
+    def skipped(self) -> int:
+        return self.dataset.skipped
+
+    def _rank_batches(self) -> list[list[int]]:
+        order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(self.rows)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [b.tolist() for b in batches[: len(self) * self.world_size]]
+        return batches[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        from opensora_core.data.dataset import collate_fn
+
+        start, self.start = self.start, 0  # a restored position applies to one pass
+        self.dataset.set_epoch(self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self._rank_batches()[start:],
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=torch.cuda.is_available(),
+        )
+        return iter(loader)
+
+    def bucket_of(self, batch: dict[str, Any]) -> str:
+        return self.bucket_names[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a restored position belongs to the epoch it was saved in
+        self.epoch = epoch
+
+    def state_dict(self, num_batches: int) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed_batches": num_batches * self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.start = int(state["consumed_batches"]) // self.world_size
 
 
 class SyntheticClips:

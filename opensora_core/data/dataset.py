@@ -214,6 +214,13 @@ class VideoTextDataset(_ClipDataset):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         check_transform_name(transform_name, self.image_size)
 
+    def clip(self, index: int) -> dict[str, Any]:
+        """Row `index`'s own clip, as `__getitem__` gives it, with no substitute: a file that cannot give
+        it raises MediaError (for per-file work such as VAE reconstruction)."""
+        item = self._sample(int(index), self.num_frames, self.image_size, replicate_image=True)
+        item["bucket"] = f"{self.num_frames}-{self.image_size[0]}-{self.image_size[1]}"
+        return item
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self._load(int(index), self.num_frames, self.image_size, replicate_image=True)
         if item is not None:

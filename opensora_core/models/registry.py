@@ -28,11 +28,13 @@ __all__ = [
     "TEXT_ENCODERS",
     "TEXT_ENCODER_TYPES",
     "VAES",
+    "VAE_MODEL_TYPES",
     "VAE_TYPES",
     "WEIGHT_FILES",
     "build_model",
     "build_text_encoder",
     "build_vae",
+    "check_vae_options",
     "count_component_parameters",
     "count_parameters",
     "load_model_weights",
@@ -66,6 +68,9 @@ VAES: dict[str, str] = {
     "VideoAutoencoderPipeline": "opensora_core.models.vae_pipeline:build_pipeline",  # (vae_2d, vae_temporal)
 }
 VAE_TYPES: tuple[str, ...] = tuple(VAES)
+# VAEs a config may name as its `model`: what Open-Sora's train_vae.py / inference_vae.py train and run
+# (the video pipeline, whose forward gives the reconstructions, posterior and image-VAE latents).
+VAE_MODEL_TYPES: tuple[str, ...] = ("OpenSoraVAE_V1_2", "VideoAutoencoderPipeline")
 
 TEXT_ENCODERS: dict[str, str] = {
     "t5": "opensora_core.models.text_encoder:T5Encoder",
@@ -305,22 +310,34 @@ def count_parameters(type_name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_vae(cfg: dict[str, Any]) -> nn.Module:
+def check_vae_options(cfg: Mapping[str, Any], section: str = "vae") -> str:
+    """The type of a VAE section whose keys are all options of that type (no torch); else ConfigError."""
+    type_name = check_type(section, cfg.get("type"), VAE_TYPES)
+    valid = VAE_OPTIONS[type_name]
+    for key in cfg:
+        if key == "type" or (type_name == "VideoAutoencoderKL" and key == "micro_frame_size"):
+            continue  # micro_frame_size: a v1.2 pipeline option; the KL VAE works frame by frame
+        if key not in valid:
+            raise ConfigError(
+                f"{section}.{key} is not a {type_name} option; valid: {', '.join(sorted(valid))}"
+            )
+    return type_name
+
+
+def build_vae(cfg: dict[str, Any], section: str = "vae") -> nn.Module:
     """Build the VAE named by `cfg["type"]` from its local `from_pretrained` directory."""
-    type_name = check_type("vae", cfg.get("type"), VAE_TYPES)
+    type_name = check_vae_options(cfg, section)
     options = {k: v for k, v in cfg.items() if k != "type"}
     if type_name == "VideoAutoencoderKL":
-        options.pop("micro_frame_size", None)  # a v1.2 pipeline option; the KL VAE works frame by frame
-    valid = VAE_OPTIONS[type_name]
-    for key in options:
-        if key not in valid:
-            raise ConfigError(f"vae.{key} is not a {type_name} option; valid: {', '.join(sorted(valid))}")
+        options.pop("micro_frame_size", None)
     if type_name == "VideoAutoencoderKL" and not options.get("from_pretrained"):
-        raise ConfigError("vae.from_pretrained is required: a local AutoencoderKL directory")
+        raise ConfigError(f"{section}.from_pretrained is required: a local AutoencoderKL directory")
     if type_name == "VideoAutoencoderPipeline":
         for key in ("vae_2d", "vae_temporal"):
             if not isinstance(options.get(key), dict):
-                raise ConfigError(f"vae.{key} is required for VideoAutoencoderPipeline: a dict with its type")
+                raise ConfigError(
+                    f"{section}.{key} is required for VideoAutoencoderPipeline: a dict with its type"
+                )
         return resolve(VAES[type_name])(options.pop("vae_2d"), options.pop("vae_temporal"), **options)
     if type_name == "VAE_Temporal_SD":
         weights = options.pop("from_pretrained", None)

@@ -1,5 +1,5 @@
-"""Tiny random-weight T5 and CLIP text encoders (+ tokenizers), an AutoencoderKL and an Open-Sora v1.2
-video VAE, written to disk for tests and the CPU demo.
+"""Tiny random-weight T5 and CLIP text encoders (+ tokenizers), an AutoencoderKL, an Open-Sora v1.2
+video VAE and an LPIPS network, written to disk for tests and the CPU demo.
 
 They load through the libraries' real `from_pretrained(..., local_files_only=True)`, so the whole pipeline
 runs offline; their outputs are noise.
@@ -198,3 +198,28 @@ def _save_tiny_vae_v1_2(directory: Path) -> None:
         scale=V1_2_SCALE,
     )
     pipeline.save_pretrained(directory)
+
+
+# LPIPS at a few channels per VGG16 stage: the same topology and key names as the real one.
+TINY_LPIPS_WIDTHS = (4, 8, 8, 8, 8)
+
+
+def create_tiny_lpips(path: Path, *, seed: int = 0) -> Path:
+    """Write a random-weight LPIPS state dict to `path` (a .safetensors file) for `lpips_path`."""
+    from safetensors.torch import save_file
+
+    from opensora_core.models.lpips import LPIPS
+
+    path = Path(path)
+    if not path.is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # LPIPS's lin weights are non-negative (a weighted sum of squared differences)
+            model = LPIPS(TINY_LPIPS_WIDTHS)
+            for i in range(len(TINY_LPIPS_WIDTHS)):
+                getattr(model, f"lin{i}").model[1].weight.data.abs_()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+            os.replace(tmp, path)
+    return path

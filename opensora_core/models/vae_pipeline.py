@@ -193,10 +193,16 @@ class VideoAutoencoderPipeline(nn.Module):
         return size
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write `model.safetensors` (the released key layout) and a `config.json` describing both VAEs;
-        the image VAE's AutoencoderKL config goes to `vae_2d/config.json` next to them."""
+        """Write `model.safetensors` (the released key layout) and the configs `write_config` writes."""
         from safetensors.torch import save_file
 
+        self.write_config(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, Path(directory) / WEIGHTS_NAME)
+
+    def write_config(self, directory: str | Path) -> None:
+        """Write a `config.json` describing both VAEs and the image VAE's AutoencoderKL config in
+        `vae_2d/config.json`: what OpenSoraVAE_V1_2 reads beside weights to build their architecture."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.spatial_vae.module.save_config(directory / SPATIAL_CONFIG_DIR)
@@ -216,8 +222,17 @@ class VideoAutoencoderPipeline(nn.Module):
             "scale": _json_floats(self.scale),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, directory / WEIGHTS_NAME)
+
+    def adapt_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A checkpoint trained with one `scale` / `shift` for all channels (VideoAutoencoderPipeline's
+        default 1 / 0) loads into a pipeline with one per channel (OpenSoraVAE_V1_2): the file's values
+        are what the weights were trained with, so they are kept, per channel."""
+        state = dict(state)
+        for name in ("scale", "shift"):
+            mine = getattr(self, name)
+            if name in state and state[name].dim() == 0 and mine.dim() > 0:
+                state[name] = state[name].expand_as(mine).clone()
+        return state
 
     @property
     def device(self) -> torch.device:
@@ -255,9 +270,14 @@ def spatial_vae_config(name: str | None, subfolder: str | None, base_dir: Path |
 
 
 def build_spatial_vae(
-    spec: Mapping[str, Any], *, base_dir: Path | None = None, where: str = "vae.vae_2d"
+    spec: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    where: str = "vae.vae_2d",
+    with_weights: bool = False,
 ) -> VideoAutoencoderKL:
-    """The image VAE of a `vae_2d` dict, randomly initialised (its weights come with the pipeline)."""
+    """The image VAE of a `vae_2d` dict: randomly initialised when the pipeline's own checkpoint holds its
+    weights, else (`with_weights`) loaded from its local `from_pretrained` diffusers directory."""
     unknown = sorted(set(spec) - SPATIAL_OPTIONS)
     if unknown:
         raise ConfigError(
@@ -265,6 +285,13 @@ def build_spatial_vae(
         )
     if spec.get("type", "VideoAutoencoderKL") != "VideoAutoencoderKL":
         raise ConfigError(f"{where}.type={spec['type']!r} is not supported; valid: VideoAutoencoderKL")
+    if with_weights:
+        return VideoAutoencoderKL(
+            spatial_weights_dir(spec, where),
+            subfolder=spec.get("subfolder"),
+            micro_batch_size=spec.get("micro_batch_size"),
+            scaling_factor=spec.get("scaling_factor", 0.18215),
+        )
     config = spatial_vae_config(spec.get("from_pretrained"), spec.get("subfolder"), base_dir)
     return VideoAutoencoderKL(
         config=config,
@@ -273,19 +300,43 @@ def build_spatial_vae(
     )
 
 
-def build_temporal_vae(spec: Mapping[str, Any], *, where: str = "vae.vae_temporal") -> TemporalVAE:
+def has_local_spatial_weights(spec: Mapping[str, Any]) -> bool:
+    """Whether `vae_2d.from_pretrained` (with its subfolder) is a local diffusers AutoencoderKL directory."""
+    name = spec.get("from_pretrained")
+    return bool(name) and (Path(name) / (spec.get("subfolder") or "") / CONFIG_NAME).is_file()
+
+
+def spatial_weights_dir(spec: Mapping[str, Any], where: str = "vae.vae_2d") -> str:
+    """The local diffusers AutoencoderKL directory `vae_2d.from_pretrained` names, or a one-line error."""
+    name, subfolder = spec.get("from_pretrained"), spec.get("subfolder")
+    if not has_local_spatial_weights(spec):
+        raise CheckpointError(
+            f"{where}.from_pretrained={name!r}"
+            + (f" (subfolder {subfolder!r})" if subfolder else "")
+            + ": no local AutoencoderKL there; a pipeline without its own from_pretrained starts from the "
+            "image VAE's weights (never downloaded: fetch e.g. PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers)"
+        )
+    return str(name)
+
+
+def build_temporal_vae(
+    spec: Mapping[str, Any], *, where: str = "vae.vae_temporal", with_weights: bool = False
+) -> TemporalVAE:
     """The temporal VAE of a `vae_temporal` dict: `VAE_Temporal_SD` (the v1.2 preset, settings may be
-    overridden) or `VAE_Temporal` with every setting given. A nested from_pretrained is not read: the
-    pipeline's checkpoint holds these weights."""
+    overridden) or `VAE_Temporal` with every setting given. Its own from_pretrained is read only
+    `with_weights`: otherwise the pipeline's checkpoint holds these weights."""
     options = dict(spec)
     type_name = options.pop("type", "VAE_Temporal_SD")
-    options.pop("from_pretrained", None)
+    weights = options.pop("from_pretrained", None)
     if type_name not in TEMPORAL_VAES:
         raise ConfigError(f"{where}.type={type_name!r} is not supported; valid: {', '.join(TEMPORAL_VAES)}")
     try:
-        return TEMPORAL_VAES[type_name](**options)
+        model = TEMPORAL_VAES[type_name](**options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: cannot build {type_name} ({err})") from err
+    if with_weights and weights:
+        load_model_weights(model, weights, type_name=type_name, section=where)
+    return model
 
 
 def checkpoint_dir(from_pretrained: str | Path) -> Path:
@@ -321,14 +372,17 @@ def build_pipeline(
     type_name: str = "VideoAutoencoderPipeline",
 ) -> VideoAutoencoderPipeline:
     """A pipeline from its two VAE dicts; `from_pretrained` weights are loaded strictly. A relative
-    `vae_2d.from_pretrained` may point inside the checkpoint directory."""
+    `vae_2d.from_pretrained` may point inside the checkpoint directory. Without `from_pretrained` each
+    VAE loads its own weights, as in Open-Sora: the image VAE's from its local directory (required),
+    the temporal VAE's from its from_pretrained when given."""
     base_dir = None
     if from_pretrained:
         weights_file(from_pretrained)  # fail on a missing checkpoint before building anything
         base_dir = checkpoint_dir(from_pretrained)
+    own_weights = not from_pretrained and has_local_spatial_weights(vae_2d)
     pipeline = VideoAutoencoderPipeline(
-        build_spatial_vae(vae_2d, base_dir=base_dir),
-        build_temporal_vae(vae_temporal),
+        build_spatial_vae(vae_2d, base_dir=base_dir, with_weights=own_weights),
+        build_temporal_vae(vae_temporal, with_weights=not from_pretrained),
         micro_frame_size=micro_frame_size,
         shift=shift,
         scale=scale,

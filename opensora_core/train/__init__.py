@@ -39,6 +39,7 @@ def train(
     max_failures: int = 0,
     features: str | None = None,
     progress: bool = False,
+    clips: str | None = None,
 ) -> TrainResult:
     """Train the config's model on a bucket snapshot; checkpoints go to a new `{output_dir}/NNN-{model}/`.
 
@@ -51,13 +52,15 @@ def train(
     `feature_snapshot` key, else `{outputs}/features`), checked here first (opensora_core.features.lineage);
     without `snapshot_dir` the buckets are those of the bucket snapshot it was made for.
     `progress=True` draws a progress bar on the driver, fed by rank 0 (opensora_core.train.progress).
+    A fixed-size dataset (VideoTextDataset: the VAE configs) reads `clips`, a metadata table or a
+    bucket snapshot, at the dataset's num_frames and image_size.
     """
     from opensora_core.features.lineage import feature_input
     from opensora_core.parallel.launch import cluster_has_gpus, connect_ray, run_training
     from opensora_core.train.checkpoint import read_running_states
     from opensora_core.train.job import train_job, training_config
     from opensora_core.train.loop import train_loop_per_worker
-    from opensora_core.train.preflight import preflight
+    from opensora_core.train.preflight import preflight, preflight_clips
 
     cfg = training_config(cfg)  # a bad key fails here, before anything is written
     check_load(cfg.raw)  # and so does a bad `load` path, or a checkpoint of another model
@@ -65,7 +68,15 @@ def train(
         cfg, snapshot_dir=snapshot_dir, features=features
     )  # and features of another lineage
     snapshot_dir = snapshot_dir or (stored.bucket_snapshot_dir if stored else None)
-    preflight(cfg, snapshot_dir=snapshot_dir, num_workers=num_workers)  # and data that gives no full step
+    if cfg.is_vae_model:
+        from opensora_core.train.vae_settings import check_vae_training
+
+        check_vae_training(cfg.raw, cfg.vae_loss)  # local weights for the losses and the image VAE
+    if clips:  # and data that gives no full step
+        clips = str(Path(clips).resolve())
+        preflight_clips(cfg, clips, num_workers=num_workers)
+    else:
+        preflight(cfg, snapshot_dir=snapshot_dir, num_workers=num_workers)
     exp_dir = new_experiment_dir(output_dir, cfg.model.type)
     shared = storage.is_uri(exp_dir)
     local_dir = storage.local_mirror(exp_dir)  # exp_dir itself unless it is a URI
@@ -79,6 +90,7 @@ def train(
         checkpoint_uri=exp_dir if shared else None,
         mlflow_run_id=mlflow_run_id,
         features=stored,
+        clips_table=clips,
     )
     connect_ray(ray_address)
     if use_gpu is None:
@@ -144,13 +156,23 @@ def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     """Config paths are relative to the caller's working directory (as in Open-Sora); Ray workers run
     elsewhere, so local paths that exist here are made absolute. Hub names are left as they are."""
     config = dict(config)
-    for section in ("model", "vae", "text_encoder"):
+    for section in ("model", "vae", "text_encoder", "discriminator"):
         part = config.get(section)
-        if isinstance(part, dict) and part.get("from_pretrained") and Path(part["from_pretrained"]).exists():
-            config[section] = {**part, "from_pretrained": str(Path(part["from_pretrained"]).resolve())}
+        if isinstance(part, dict):
+            # a VideoAutoencoderPipeline's image and temporal VAEs name their own weights
+            nested = {k: _absolute_weights(v) for k, v in part.items() if k in ("vae_2d", "vae_temporal")}
+            config[section] = _absolute_weights({**part, **nested})
+    if config.get("lpips_path") and Path(config["lpips_path"]).exists():
+        config["lpips_path"] = str(Path(config["lpips_path"]).resolve())
     if config.get("load") and not storage.is_uri(config["load"]):
         config["load"] = str(Path(config["load"]).resolve())
     return config
+
+
+def _absolute_weights(part: Any) -> Any:
+    if isinstance(part, dict) and part.get("from_pretrained") and Path(part["from_pretrained"]).exists():
+        return {**part, "from_pretrained": str(Path(part["from_pretrained"]).resolve())}
+    return part
 
 
 def new_experiment_dir(output_dir: str | Path, model_type: str) -> Path | str:

@@ -4,6 +4,8 @@
     model.safetensors       consolidated fp32 weights, the model's own key names
     ema.safetensors         fp32 EMA weights (what sampling uses)
     ds/                     DeepSpeed state: ZeRO optimizer shards, LR scheduler, step counters
+    ds_{name}/, {name}.safetensors   the same for each extra engine (a VAE's discriminator)
+    config.json, vae_2d/    a VAE's architecture, so the directory is its `from_pretrained`
     sampler.json            bucket sampler position
     rng_state_rank{R}.pt    torch / numpy / python RNG states of each rank
     running_states.json     epoch, step, global_step, batch_size, model_type, rng states file
@@ -20,6 +22,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +85,13 @@ def save_checkpoint(
     config_text: str,
     rank: int,
     upload_to: str | storage.Location | None = None,
+    extra_engines: dict[str, Any] | None = None,
+    model_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint; every rank calls this. Returns the final (local) directory.
+
+    `extra_engines` (name -> DeepSpeed engine, e.g. a VAE's discriminator) are saved beside the model's
+    engine; `model_files(directory)` writes files the model needs to load from the checkpoint (rank 0).
 
     The directory appears under its final name only once every file is in place, so a reader
     (evaluation, a resumed run) never sees half a checkpoint. `upload_to` (a run directory on shared
@@ -99,11 +107,18 @@ def save_checkpoint(
 
     try:
         engine.save_checkpoint(str(tmp / "ds"), tag=f"global_step{states.global_step}")
+        for name, extra in (extra_engines or {}).items():
+            extra.save_checkpoint(str(tmp / f"ds_{name}"), tag=f"global_step{states.global_step}")
         torch.save(_rng_states(), tmp / states.rng_states.format(rank=rank))
         weights = consolidated_state_dict(engine)  # collective: all ranks, rank 0 keeps the result
+        extra_weights = {name: consolidated_state_dict(e) for name, e in (extra_engines or {}).items()}
 
         if rank == 0:
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            for name, state in extra_weights.items():
+                save_file(state, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
+            if model_files is not None:
+                model_files(tmp)
             if ema is not None:
                 ema_state = {k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}
                 save_file(ema_state, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
@@ -195,6 +210,7 @@ def load_checkpoint(
     rank: int = 0,
     restore_position: bool = True,
     universal_dir: Path | None = None,
+    extra_engines: dict[str, Any] | None = None,
 ) -> RunningStates:
     """Restore model, optimizer, LR scheduler, EMA, sampler position and this rank's RNG states.
 
@@ -223,6 +239,8 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: weights do not fit the configured model: {first_line(err)}") from None
     if load_path is None:
         raise CheckpointError(f"{path / 'ds'}: no DeepSpeed state found")
+    for name, extra in (extra_engines or {}).items():
+        _load_extra_engine(path, name, extra, universal=universal_dir is not None, restore=restore_position)
     if ema is not None and (path / "ema.safetensors").is_file():
         # non-strict as in Open-Sora: an EMA saved before a model change keeps what still fits
         ema.load_state_dict(load_file(str(path / "ema.safetensors")), strict=False)
@@ -234,6 +252,25 @@ def load_checkpoint(
     if rng_file.is_file():
         _set_rng_states(torch.load(rng_file, weights_only=False))
     return states
+
+
+def _load_extra_engine(path: Path, name: str, engine: Any, *, universal: bool, restore: bool) -> None:
+    """An extra engine's state (`ds_{name}/`); a checkpoint from before it existed starts it afresh, as
+    train_vae.py does for a checkpoint without a discriminator."""
+    ds_dir = path / f"ds_{name}"
+    if not ds_dir.is_dir():
+        return
+    if universal:
+        raise CheckpointError(
+            f"{path}: its {name}'s optimizer state was saved by another number of ranks; resume it on "
+            "the same number of training workers"
+        )
+    try:
+        loaded, _ = engine.load_checkpoint(str(ds_dir), load_lr_scheduler_states=restore)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ds_dir}: does not fit the configured {name}: {first_line(err)}") from None
+    if loaded is None:
+        raise CheckpointError(f"{ds_dir}: no DeepSpeed state found")
 
 
 def saved_zero_ranks(path: str | Path) -> int:

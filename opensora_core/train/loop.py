@@ -15,6 +15,11 @@ From a feature snapshot (`job.features`) the workers build neither the VAE (vide
 the text encoder (text features): the model's in_channels / caption_channels / model_max_length
 come from the feature manifest, and the batches carry the stored latents and captions.
 
+A VAE model (`job.is_vae`, Open-Sora's train_vae.py) trains through the same loop: the workers build the
+VAE pipeline as the trained model (no text encoder, scheduler or EMA) and a `VaeStep`
+(opensora_core.train.vae_step) instead of the diffusion step; its loss parts are logged beside the loss
+and its discriminator's engine is checkpointed with the model's.
+
 Sequence parallelism (`sp_size` > 1, plugin "zero2-seq"): consecutive ranks form an SP group that
 reads the same batch and draws the same numbers (data and seeds follow the data-parallel rank);
 `opensora_core.parallel.sequence` splits each sample's tokens across the group.
@@ -34,7 +39,13 @@ import numpy as np
 import torch
 
 from opensora_core import storage
-from opensora_core.data.batches import FeatureBatches, SnapshotBatches, SyntheticClips, build_batches
+from opensora_core.data.batches import (
+    FeatureBatches,
+    FixedClipBatches,
+    SnapshotBatches,
+    SyntheticClips,
+    build_batches,
+)
 from opensora_core.parallel.layout import ParallelLayout, parallel_layout
 from opensora_core.parallel.sequence import apply_sequence_parallel, new_sequence_parallel_groups
 from opensora_core.train.checkpoint import RunningStates, save_checkpoint
@@ -44,7 +55,8 @@ from opensora_core.train.lr import build_lr_scheduler
 from opensora_core.train.mask import MaskGenerator
 from opensora_core.train.metrics import StepMetrics
 from opensora_core.train.resume import Position, plan_resume, resume
-from opensora_core.train.step import EmptyCaptionDropout, micro_batch_loss, micro_batch_seed
+from opensora_core.train.step import DiffusionStep, EmptyCaptionDropout, micro_batch_seed
+from opensora_core.train.vae_step import VaeStep, build_vae_model, create_vae_step
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +97,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
             step_start = time.perf_counter()
             lr = w.optimizer.param_groups[0]["lr"]  # the rate this step applies
             step_loss = torch.zeros((), dtype=torch.float64, device=w.device)
+            step_parts: dict[str, torch.Tensor] = {}  # the loss's named parts (a VAE's)
             step_samples = 0
             for micro in range(grad_accum):
                 batch, weight = next(batches), 1.0
@@ -101,15 +114,15 @@ def train_loop_per_worker(job: TrainJob) -> None:
                 # index of this micro-batch in the epoch's global order, independent of world size;
                 # the ranks of one SP group share it (same batch, same noise and timesteps)
                 order_index = ((step * grad_accum) + micro) * w.layout.dp_size + w.layout.dp_rank
-                loss, samples = micro_batch_loss(
-                    engine, w.scheduler, batch, seed=micro_batch_seed(s.seed, epoch, order_index),
-                    vae=w.vae, text_encoder=w.text_encoder, device=w.device, dtype=w.dtype,
-                    mask_generator=w.mask_generator, empty_caption=w.empty_caption,
+                # forward, backward and (at the accumulation boundary) the optimizer step
+                result = w.train_step(
+                    batch, seed=micro_batch_seed(s.seed, epoch, order_index), weight=weight,
+                    global_step=global_step,
                 )  # fmt: skip
-                engine.backward(loss * weight)
-                engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
-                step_loss += loss.detach().double() * (weight / grad_accum)
-                step_samples += samples
+                step_loss += result.loss.double() * (weight / grad_accum)
+                for name, part in result.parts.items():
+                    step_parts[name] = step_parts.get(name, 0.0) + part.double() * (weight / grad_accum)
+                step_samples += result.samples
             if w.ema is not None:
                 update_ema(w.ema, engine.module, decay=s.ema_decay)
             global_step += 1
@@ -126,7 +139,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
 
             metrics: dict[str, float] = {}
             if log_now or save_now:  # the step's only collective: losses, samples, skipped files
-                totals = step_metrics.all_reduce(step_loss, step_samples, loader.skipped)
+                totals = step_metrics.all_reduce(step_loss, step_samples, loader.skipped, step_parts)
                 step_time = time.perf_counter() - step_start
             if log_now:
                 bucket = loader.bucket_of(batch)
@@ -178,17 +191,13 @@ class Worker:
     layout: ParallelLayout  # data and seeds follow layout.dp_rank
     device: torch.device
     dtype: torch.dtype
-    text_encoder: Any | None  # frozen; None with stored captions
-    vae: torch.nn.Module | None  # frozen; None with stored latents
-    scheduler: Any
-    mask_generator: MaskGenerator | None
-    empty_caption: EmptyCaptionDropout | None  # caption_dropout "empty"
-    loader: SnapshotBatches | FeatureBatches | SyntheticClips
-    engine: Any  # the DeepSpeed engine around the diffusion model
+    loader: SnapshotBatches | FeatureBatches | FixedClipBatches | SyntheticClips
+    engine: Any  # the DeepSpeed engine around the trained model (diffusion model or VAE)
     optimizer: Any  # DeepSpeed's (ZeRO) optimizer
-    ema: torch.nn.Module | None  # fp32; only rank 0 keeps (and saves) it
+    ema: torch.nn.Module | None  # fp32; only rank 0 keeps (and saves) it; None for a VAE
     zero_stage: int
     start: Position
+    train_step: DiffusionStep | VaeStep  # one micro-batch: forward, backward, optimizer step
 
 
 def setup_worker(job: TrainJob) -> Worker:
@@ -222,14 +231,20 @@ def setup_worker(job: TrainJob) -> Worker:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=False)
     ignore_deepspeeds_all_gather_deprecation()
 
-    # ---- models: text encoder and VAE frozen, the diffusion model trained
-    text_encoder, vae, model = _build_models(job, device, dtype)
-    ema = create_ema(model) if rank == 0 else None  # fp32; only rank 0 saves it
+    # ---- models: text encoder and VAE frozen, the diffusion model trained; or the VAE trained
+    text_encoder = vae = scheduler = mask_generator = ema = None
+    if job.is_vae:
+        model = build_vae_model(dict(job.model)).to(device).train()
+    else:
+        text_encoder, vae, model = _build_models(job, device, dtype)
+        ema = create_ema(model) if rank == 0 else None  # fp32; only rank 0 saves it
+        scheduler = build_scheduler(dict(job.scheduler))
+        mask_generator = MaskGenerator(job.mask_ratios) if job.mask_ratios else None
+    if s.grad_checkpoint and job.is_vae:
+        _enable_grad_checkpoint(model)
     if s.sp_size > 1:  # after the EMA copy: the EMA model runs whole, never sequence parallel
         sp_group, _ = new_sequence_parallel_groups(layout)
         apply_sequence_parallel(model, sp_group)
-    scheduler = build_scheduler(dict(job.scheduler))
-    mask_generator = MaskGenerator(job.mask_ratios) if job.mask_ratios else None
 
     # ---- data: this rank's share of every global step
     features = job.features
@@ -237,7 +252,7 @@ def setup_worker(job: TrainJob) -> Worker:
         snapshot_dir=job.snapshot_dir, dataset=job.dataset, synthetic_data=job.synthetic_data,
         rank=rank, world_size=world_size, seed=s.seed, sp_size=s.sp_size, num_workers=s.num_workers,
         features=features.path if features else None, video_features=bool(features and features.video),
-        text_features=bool(features and features.text),
+        text_features=bool(features and features.text), clips_table=job.clips_table, batch_size=s.batch_size,
     )  # fmt: skip
     empty_caption = _empty_caption(job, loader, text_encoder)
     if len(loader) // s.grad_accum == 0:
@@ -280,14 +295,22 @@ def setup_worker(job: TrainJob) -> Worker:
         config=ds_config,
         dist_init_required=False,
     )
+    if job.is_vae:
+        train_step = create_vae_step(
+            engine, job.vae_loss, device=device, dtype=dtype, ds_config=ds_config, lr=s.lr,
+            weight_decay=s.weight_decay, adam_eps=s.adam_eps,
+        )  # fmt: skip
+    else:
+        train_step = DiffusionStep(
+            engine, scheduler, vae, text_encoder, device, dtype, mask_generator, empty_caption
+        )
     start = resume(
         plan, engine, ema, loader, model_type=job.model_type, start_from_scratch=s.start_from_scratch,
-        rank=rank, local_rank=context.get_local_rank(),
+        rank=rank, local_rank=context.get_local_rank(), extra_engines=train_step.extra_engines,
     )  # fmt: skip
     return Worker(
-        rank, world_size, layout, device, dtype, text_encoder, vae, scheduler, mask_generator,
-        empty_caption, loader, engine, optimizer, ema, zero_stage, start,
-    )  # fmt: skip
+        rank, world_size, layout, device, dtype, loader, engine, optimizer, ema, zero_stage, start, train_step
+    )
 
 
 def _save(job: TrainJob, w: Worker, *, epoch: int, step: int, global_step: int) -> Path:
@@ -307,6 +330,8 @@ def _save(job: TrainJob, w: Worker, *, epoch: int, step: int, global_step: int) 
         config_text=job.config_text,
         rank=w.rank,
         upload_to=job.checkpoint_uri,
+        extra_engines=w.train_step.extra_engines,
+        model_files=w.train_step.write_model_files,
     )
 
 

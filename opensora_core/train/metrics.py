@@ -5,7 +5,7 @@ No host sync and no collective on the other steps: `all_reduce` is called on log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,7 @@ class StepTotals:
     window_loss: float  # the mean loss over ranks and over the steps since the last logged one
     samples: float  # trained this step
     skipped: float  # files that failed to load, since the workers started
+    parts: dict[str, float] = field(default_factory=dict)  # named parts of this step's loss, mean over ranks
 
 
 class StepMetrics:
@@ -37,23 +38,33 @@ class StepMetrics:
         self.window_loss += step_loss
         self.window_steps += 1
 
-    def all_reduce(self, step_loss: torch.Tensor, samples: int, skipped: int) -> StepTotals:
-        """Sum this step over all ranks: a collective, so every rank calls it on the same steps."""
+    def all_reduce(
+        self,
+        step_loss: torch.Tensor,
+        samples: int,
+        skipped: int,
+        parts: dict[str, torch.Tensor] | None = None,
+    ) -> StepTotals:
+        """Sum this step over all ranks: a collective, so every rank calls it on the same steps (with
+        the same `parts` names: a step object gives the same names on every micro-batch)."""
         # each SP group's ranks hold the same samples, so they read and skip the same files
+        names = sorted(parts or {})
         totals = torch.stack(
             [step_loss, self.window_loss]
             + [
                 torch.tensor(n / self.sp_size, dtype=torch.float64, device=self.device)
                 for n in (samples, skipped)
             ]
+            + [parts[name].to(device=self.device, dtype=torch.float64) for name in names]
         )
         dist.all_reduce(totals)
-        step_loss_sum, window_loss_sum, samples_sum, skipped_sum = totals.tolist()
+        step_loss_sum, window_loss_sum, samples_sum, skipped_sum, *part_sums = totals.tolist()
         return StepTotals(
             loss=step_loss_sum / self.world_size,
             window_loss=window_loss_sum / self.world_size / self.window_steps,
             samples=samples_sum,
             skipped=skipped_sum,
+            parts={name: value / self.world_size for name, value in zip(names, part_sums, strict=True)},
         )
 
     def logged(
@@ -79,6 +90,7 @@ class StepMetrics:
             "bucket": float(self.bucket_ids.setdefault(bucket, len(self.bucket_ids))),
             "epoch": float(epoch),
             "global_step": float(global_step),
+            **totals.parts,
         }
         self.window_loss.zero_()
         self.window_steps = 0

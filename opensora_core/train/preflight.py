@@ -120,3 +120,30 @@ def preflight(cfg: Any, *, snapshot_dir: str | None, num_workers: int) -> StepPl
     plan = step_plan(snapshot.manifest, num_workers=num_workers, sp_size=s.sp_size, grad_accum=s.grad_accum)
     check_step_plan(plan, str(snapshot.path))
     return plan
+
+
+def preflight_clips(cfg: Any, table: str, *, num_workers: int) -> int:
+    """Check that the fixed-size clips of `table` (a metadata .parquet or a bucket snapshot) give a full
+    step on `num_workers` workers; returns the rows that give a clip (the others sit out, logged once)."""
+    from opensora_core.data.batches import clip_rows, read_clips_table
+
+    s, options = cfg.training, cfg.dataset.options
+    rows = read_clips_table(table)
+    num_frames, interval = int(options["num_frames"]), int(options.get("frame_interval", 1) or 1)
+    usable = len(clip_rows(rows, num_frames, interval))
+    batch_size, dp_size = s.batch_size or 1, num_workers // s.sp_size
+    need = batch_size * dp_size * s.grad_accum
+    if usable < need:
+        raise ConfigError(
+            f"{table}: {usable} of {rows.num_rows} files give a {num_frames}-frame clip (frame_interval "
+            f"{interval}), but one step takes batch_size {batch_size} x {dp_size} ranks x grad_accum "
+            f"{s.grad_accum} = {need}; add clips, or lower batch_size / num_train_workers"
+        )
+    if usable < rows.num_rows:
+        log.info(
+            "%d of %d files are too short for %d-frame clips and sit out",
+            rows.num_rows - usable,
+            rows.num_rows,
+            num_frames,
+        )
+    return usable

@@ -87,6 +87,7 @@ def resume(
     start_from_scratch: bool,
     rank: int,
     local_rank: int,
+    extra_engines: dict[str, Any] | None = None,
 ) -> Position:
     """Load `plan.checkpoint` into the engine, EMA and loader; the position to continue from.
 
@@ -105,6 +106,7 @@ def resume(
         rank=rank,
         restore_position=not from_scratch,
         universal_dir=plan.universal_dir,
+        extra_engines=extra_engines,
     )
     if plan.universal_dir is not None:
         dist.barrier()  # every rank of this machine has read its share

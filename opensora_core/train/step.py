@@ -19,7 +19,7 @@ instead, drawn from the micro-batch's `rng`, and the job turns the model's own d
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -146,3 +146,42 @@ def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
     return value
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One micro-batch trained: its loss (detached), samples, and the named parts of the loss to log."""
+
+    loss: torch.Tensor
+    samples: int
+    parts: dict[str, torch.Tensor]
+
+
+@dataclass
+class DiffusionStep:
+    """The diffusion model's micro-batch on its DeepSpeed engine: `micro_batch_loss`, backward, step.
+
+    The training loop calls a step object per micro-batch (this one, or train.vae_step.VaeStep for a
+    VAE model); `extra_engines` are engines besides `engine` that checkpoints hold (none here).
+    """
+
+    engine: Any
+    scheduler: Any
+    vae: torch.nn.Module | None
+    text_encoder: Any | None
+    device: torch.device
+    dtype: torch.dtype
+    mask_generator: MaskGenerator | None = None
+    empty_caption: EmptyCaptionDropout | None = None
+    extra_engines: dict[str, Any] = field(default_factory=dict)
+    write_model_files: Any = None  # files a checkpoint adds beside the weights (none)
+
+    def __call__(self, batch: dict[str, Any], *, seed: int, weight: float, global_step: int) -> StepResult:
+        loss, samples = micro_batch_loss(
+            self.engine, self.scheduler, batch, seed=seed, vae=self.vae, text_encoder=self.text_encoder,
+            device=self.device, dtype=self.dtype, mask_generator=self.mask_generator,
+            empty_caption=self.empty_caption,
+        )  # fmt: skip
+        self.engine.backward(loss * weight)
+        self.engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
+        return StepResult(loss.detach(), samples, {})
