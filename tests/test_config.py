@@ -40,7 +40,9 @@ scheduler = dict(type="rflow")
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=str)
 def test_every_config_in_the_repository_loads_and_validates(config: Path) -> None:
     cfg = load_repository_config(config)
-    family = config.parts[3] if config.parts[1] == "legacy" else config.parts[1]  # configs/[legacy/<tag>/]<family>
+    family = (
+        config.parts[3] if config.parts[1] == "legacy" else config.parts[1]
+    )  # configs/[legacy/<tag>/]<family>
     published = {
         "opensora": "STDiT-XL/2",
         "opensora-v1-1": ("STDiT2-XL/2", "PixArt"),  # train/image_rflow.py trains PixArt

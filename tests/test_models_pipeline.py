@@ -459,7 +459,9 @@ def test_repository_config_builds_every_component(config: Path, tiny: TinyPretra
     from opensora_core.schedulers import build_scheduler, scheduler_class
 
     cfg = load_repository_config(config)
-    if cfg.is_vae_model:  # configs/vae: the VAE is the model; test_vae_train / test_vae_reconstruct build them
+    if (
+        cfg.is_vae_model
+    ):  # configs/vae: the VAE is the model; test_vae_train / test_vae_reconstruct build them
         assert cfg.model.type in ("OpenSoraVAE_V1_2", "VideoAutoencoderPipeline")
         return
     if cfg.vae is None:  # Open-Sora's stage1_feat.py: trained from stored features, it names their sizes
