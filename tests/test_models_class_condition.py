@@ -58,7 +58,7 @@ def test_dit_class_config_samples_class_ids_with_guidance(tmp_path):
         "\n".join(
             [
                 f'_base_ = ["{REPO / "configs/dit/inference/1x256x256-class.py"}"]',
-                "model = dict(hidden_size=32, depth=1, num_heads=2, input_size=(1, 4, 4), from_pretrained=None)",
+                "model = dict(hidden_size=32, depth=1, num_heads=2, from_pretrained=None)",  # input_size from the VAE
                 f'vae = dict(from_pretrained="{tiny.vae}")',
                 "scheduler = dict(num_sampling_steps=2)",
                 'dtype = "fp32"',

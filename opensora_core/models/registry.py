@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opensora_core.errors import ConfigError
@@ -261,6 +261,23 @@ def model_kwargs(
             value = tuple(value)
         kwargs[key] = value
     return {**kwargs, **derived}
+
+
+def with_latent_input_size(
+    cfg: dict[str, Any], vae: Any, num_frames: int | None, image_size: Sequence[int] | None
+) -> dict[str, Any]:
+    """`cfg` with `input_size` set to the VAE's latent size of num_frames x image_size, for a fixed-size model
+    (STDiT v1.0, DiT, Latte, PixArt) whose config leaves it unset: Open-Sora's scripts derive it the same way."""
+    from opensora_core.models.fixed_size import FixedSizeModel
+
+    preset = model_preset(check_type("model", cfg.get("type"), MODEL_TYPES))
+    model_class = getattr(preset, "func", preset)
+    fixed = isinstance(model_class, type) and issubclass(model_class, FixedSizeModel)
+    if not fixed or cfg.get("input_size") is not None or num_frames is None or image_size is None:
+        return cfg
+    if None in tuple(image_size):
+        return cfg
+    return {**cfg, "input_size": tuple(vae.get_latent_size((int(num_frames), *map(int, image_size))))}
 
 
 def build_model(

@@ -37,7 +37,12 @@ def build_components(
     cfg: ValidatedConfig, *, model_weights: str | None = None, device: torch.device | None = None
 ) -> Components:
     """Build text encoder, VAE, diffusion model and scheduler; `model_weights` overrides model.from_pretrained."""
-    from opensora_core.models.registry import build_model, build_text_encoder, build_vae
+    from opensora_core.models.registry import (
+        build_model,
+        build_text_encoder,
+        build_vae,
+        with_latent_input_size,
+    )
     from opensora_core.schedulers import build_scheduler
 
     device = device or pick_device()
@@ -52,6 +57,8 @@ def build_components(
     model_cfg = cfg.model.as_dict()
     if model_weights is not None:
         model_cfg["from_pretrained"] = model_weights
+    if cfg.sampling is not None:  # a training config (evaluation) keeps its own model.input_size
+        model_cfg = with_latent_input_size(model_cfg, vae, cfg.sampling.num_frames, cfg.sampling.image_size)
     model = build_model(
         model_cfg,
         in_channels=vae.out_channels,

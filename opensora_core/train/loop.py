@@ -343,7 +343,12 @@ def _build_models(
     An encoder whose output the feature snapshot stores is not built (None); the feature manifest
     gives the model's sizes instead.
     """
-    from opensora_core.models.registry import build_model, build_text_encoder, build_vae
+    from opensora_core.models.registry import (
+        build_model,
+        build_text_encoder,
+        build_vae,
+        with_latent_input_size,
+    )
 
     features = job.features
     text_encoder = vae = None
@@ -358,8 +363,15 @@ def _build_models(
         in_channels = vae.out_channels
     else:
         in_channels = features.in_channels
+    model_cfg = dict(job.model)
+    if (
+        vae is not None and job.dataset
+    ):  # fixed-size clips (VideoTextDataset) fix a fixed-size model's latent size
+        model_cfg = with_latent_input_size(
+            model_cfg, vae, job.dataset.get("num_frames"), job.dataset.get("image_size")
+        )
     model = build_model(
-        dict(job.model),
+        model_cfg,
         in_channels=in_channels,
         caption_channels=caption_channels,
         model_max_length=max_length,
