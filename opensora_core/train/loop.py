@@ -222,7 +222,7 @@ def setup_worker(job: TrainJob) -> Worker:
         snapshot_dir=job.snapshot_dir, dataset=job.dataset, synthetic_data=job.synthetic_data,
         rank=rank, world_size=world_size, seed=s.seed, sp_size=s.sp_size, num_workers=s.num_workers,
         features=features.path if features else None, video_features=bool(features and features.video),
-        text_features=bool(features and features.text),
+        text_features=bool(features and features.text), val_fraction=s.val_fraction,
     )  # fmt: skip
     empty_caption = _empty_caption(job, loader, text_encoder)
     if len(loader) // s.grad_accum == 0:
