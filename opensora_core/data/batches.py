@@ -199,9 +199,10 @@ class FeatureBatches(SnapshotBatches):
         self.dataset = FeatureDataset(
             stored, video_features=video_features, text_features=text_features, seed=seed, video=video
         )
+        training = training_rows(snapshot.full_table(), val_fraction)
         self.sampler = BucketBatchSampler(
             snapshot, num_replicas=world_size, rank=rank, sp_size=sp_size, drop_last=True,
-            redraw=False, rows=_without_held_out(stored.samples, training_rows(snapshot.full_table(), val_fraction)),
+            redraw=False, rows=_without_held_out(stored.samples, training),
         )  # fmt: skip
         self.num_workers = num_workers
         self.bucket_names = [b.key.id for b in buckets]

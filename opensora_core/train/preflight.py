@@ -94,8 +94,8 @@ def training_buckets(snapshot: Snapshot, val_fraction: float) -> tuple[BucketSta
     )  # fmt: skip
     if kept and not buckets:
         raise ConfigError(
-            f"val_fraction={val_fraction}: holds out all {kept} kept samples of bucket snapshot {snapshot.path}; "
-            "lower val_fraction or set val_data_path"
+            f"val_fraction={val_fraction}: holds out all {kept} kept samples of bucket snapshot "
+            f"{snapshot.path}; lower val_fraction or set val_data_path"
         )
     return tuple(buckets)
 
