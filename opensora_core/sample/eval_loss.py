@@ -203,8 +203,16 @@ ItemLosses = dict[tuple[int, int], tuple[list[float], int]]
 def eval_job(
     cfg: Any, buckets: Sequence[EvalBucket], table: pa.Table, checkpoints: Sequence[Path], *, progress: bool
 ) -> EvalLossJob:
-    """The work of an eval-loss run; ConfigError (one line) when no validation sample fits any bucket."""
-    job = EvalLossJob(cfg, tuple(buckets), table, (), tuple(str(c) for c in checkpoints), progress)
+    """The work of an eval-loss run; ConfigError (one line) when no validation sample fits any bucket,
+    CheckpointError when a checkpoint has no weights: both before any worker starts."""
+    from opensora_core.sample.evaluate import checkpoint_weights
+
+    for checkpoint in checkpoints:
+        checkpoint_weights(Path(checkpoint))
+    # absolute: the workers run in a folder of their own
+    job = EvalLossJob(
+        cfg, tuple(buckets), table, (), tuple(str(Path(c).resolve()) for c in checkpoints), progress
+    )
     frame_interval = int(cfg.dataset.options.get("frame_interval", 1) or 1)
     items: list[EvalItem] = []
     for b_index, bucket in enumerate(buckets):
@@ -240,6 +248,8 @@ def item_losses(
     from opensora_core.train.mask import MaskGenerator
     from opensora_core.train.step import encode_batch, micro_batch_seed
 
+    if not items:  # a rank of a group larger than the work: nothing to build
+        return {}
     cfg, seed = job.cfg, job.seed
     parts = build_components(cfg, model_weights=str(checkpoint_weights(Path(checkpoint))), device=device)
     timesteps = eval_timesteps(cfg)
@@ -249,7 +259,7 @@ def item_losses(
         transform_name=cfg.dataset.options.get("transform_name") or "resize_crop", seed=seed,
     )  # fmt: skip
     out: ItemLosses = {}
-    for item in _progress(items, f"eval-loss step {Path(checkpoint).name}", progress):
+    for item in _progress(items, Path(checkpoint).name, progress):
         batch = collate_fn([dataset[name] for name in item.names])
         if batch is None:
             out[item.bucket, item.batch] = ([0.0] * len(timesteps), 0)
@@ -333,7 +343,9 @@ def eval_loss_per_worker(job: EvalLossJob) -> None:
         if rank == 0:
             (Path(tmp) / RESULTS_NAME).write_text(json.dumps(results))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"checkpoints": len(results)}, checkpoint=checkpoint)  # every rank: it is a barrier
+        ray.train.report(
+            {"checkpoints": len(job.checkpoints)}, checkpoint=checkpoint
+        )  # every rank: a barrier
 
 
 RESULTS_NAME = "eval_loss_results.json"  # what rank 0 reports to the driver
@@ -355,7 +367,8 @@ def evaluate_loss_on_workers(
         "eval-loss: %d batches of %d bucket(s) on %d workers", len(job.items), len(job.buckets), num_workers
     )
     storage_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=storage_dir, prefix=".ray-") as tmp:
+    # absolute: Ray Train reads a relative storage path as a URI
+    with tempfile.TemporaryDirectory(dir=storage_dir.resolve(), prefix=".ray-") as tmp:
         result = run_training(
             eval_loss_per_worker, job, num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address,
             storage_path=tmp, run_name="eval_loss",
