@@ -191,3 +191,9 @@ def test_a_hold_out_that_leaves_no_full_step_is_refused_in_one_line(tmp_path, no
         )  # fmt: skip
     assert "240p-16-0.56: 3 samples < batch size 4 x 2" in str(err.value)  # 7 samples before the hold-out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", [1.5, 1, -0.1, "a quarter"])
+def test_a_val_fraction_outside_0_1_is_refused_when_the_config_loads(value):
+    with pytest.raises(ConfigError, match=r"^val_fraction=.*: set it within \(0, 1\), or set val_data_path$"):
+        validate_config(training_config(bucket_config(), val_fraction=value), mode="train")
