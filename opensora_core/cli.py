@@ -215,7 +215,7 @@ def cmd_eval_loss(ns: argparse.Namespace) -> int:
     runs = [ns.mlflow_run_id] if ns.mlflow_run_id else []
     results = eval_loss_checkpoints(
         ns.config, ns.checkpoint, snapshot_dir=ns.snapshot, output_dir=ns.output, cfg_options=ns.cfg_options,
-        mlflow_run_ids=runs,
+        mlflow_run_ids=runs, num_workers=ns.num_train_workers, ray_address=ns.ray_address,
     )  # fmt: skip
     for result in results:
         print(json.dumps({"global_step": result.global_step, "mean": result.mean, **result.per_bucket}))
@@ -403,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_loss.add_argument("--output", help="where results go (default: eval_loss/ beside the checkpoints)")
     eval_loss.add_argument("--mlflow-run-id", help="log the losses to this MLflow run")
+    eval_loss.add_argument(
+        "--num-train-workers", type=int,
+        help="Ray Train workers (default: the config's num_train_workers when above 1, else this process)",
+    )  # fmt: skip
+    eval_loss.add_argument(
+        "--ray-address", help="Ray cluster to run the workers on (default: RAY_ADDRESS, else local)"
+    )
     eval_loss.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     eval_loss.set_defaults(func=cmd_eval_loss)
 

@@ -238,8 +238,9 @@ def evaluate_checkpoint(
                 result.sampling_seconds,
             )
         if has_validation(cfg):
-            for loss in eval_loss_checkpoints(
+            for loss in eval_loss_checkpoints(  # on a worker group shaped as training's
                 config, checkpoint, snapshot_dir=snapshot, cfg_options=cfg_options, mlflow_run_ids=runs,
+                num_workers=cfg.training.num_train_workers, ray_address=os.environ.get("RAY_ADDRESS"),
                 progress=False,
             ):  # fmt: skip
                 logger.info("step %d: eval loss %.5f %s", loss.global_step, loss.mean, loss.per_bucket)

@@ -4,6 +4,7 @@ driver's lineage refusals, and Open-Sora's feature configs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from feature_snapshots import encoder_sections, grey_media, write_bucket_snapshot, write_feature_snapshot
@@ -72,6 +73,21 @@ def test_failed_clips_sit_out_and_every_other_row_is_batched(data):
             assert batch["mask"].shape == (2, 8) and batches.bucket_of(batch) == "144p-2-0.56"
             seen += batch["index"].tolist()
     assert sorted(set(seen)) == [i for i in range(7) if i != FAILED]
+
+
+def test_the_validation_split_sits_out_of_feature_training(data):
+    from opensora_core.data.validation_split import held_out
+
+    held = set(np.flatnonzero(held_out(data["snapshot"].full_table(), 0.5)).tolist())
+    with_features = {i for i in range(7) if i != FAILED}
+    assert held & with_features and with_features - held  # both sides of the split have features
+    batches = FeatureBatches(
+        str(data["snapshot"].path), str(data["features"].path), None, video_features=True,
+        text_features=True, rank=0, world_size=1, seed=42, num_workers=0, val_fraction=0.5,
+    )  # fmt: skip
+    seen = [i for batch in batches for i in batch["index"].tolist()]
+    assert len(batches) == len(with_features - held) // 2  # two to a batch, a last odd one left out
+    assert set(seen) <= with_features - held and len(seen) == 2 * len(batches)
 
 
 def test_each_epoch_reads_one_view_drawn_from_seed_epoch_and_sample(data):

@@ -144,3 +144,30 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_two_ray_train_workers_give_exactly_the_losses_of_one(setup, shared_ray, tmp_path, monkeypatch):
+    import torch
+
+    shared_ray.ensure(trains=True)
+    checkpoint = setup["root"] / "run" / "epoch0-global_step4"
+    # 3 clips at batch size 2: two batches, one for each worker
+    (on_two,) = eval_loss_checkpoints(
+        setup["config"], checkpoint, output_dir=tmp_path / "two", num_workers=2, progress=False
+    )
+    # one worker, in this process: one thread, as each Ray worker of one CPU has (the float sums of a
+    # matrix product follow the thread count)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (alone,) = eval_loss_checkpoints(
+            setup["config"], checkpoint, output_dir=tmp_path / "one", progress=False
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert (on_two.global_step, on_two.samples) == (4, {"144p-17": 3})
+    assert on_two.per_timestep == alone.per_timestep
+    assert on_two.per_bucket == pytest.approx(setup["results"][1].per_bucket, rel=1e-6)  # two threads
+    saved = json.loads((tmp_path / "two" / "step_000004" / "eval_loss.json").read_text())
+    assert saved["per_bucket"] == alone.per_bucket
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["step_000004"]  # Ray's run state is removed

@@ -17,6 +17,7 @@ from mmengine.config import Config, ConfigDict
 from opensora_core.config.credentials import check_no_credentials
 from opensora_core.data.aspect import ASPECT_RATIO_MAP, RESOLUTIONS, get_image_size, get_num_frames
 from opensora_core.data.bucket import BucketConfig
+from opensora_core.data.validation_split import held_out_fraction
 from opensora_core.errors import ConfigError
 from opensora_core.features.settings import FeatureSettings, feature_settings
 from opensora_core.models.registry import (
@@ -94,6 +95,9 @@ class TrainingSettings:
     load: str | None
     start_from_scratch: bool
     grad_accum: int = 1  # micro-batches accumulated into one optimizer step
+    val_fraction: float | None = (
+        None  # the snapshot's share eval-loss holds out of training (data.validation_split)
+    )
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,7 @@ def _training_settings(cfg: Config, dtype: str, model: ComponentSpec) -> Trainin
         load=cfg.get("load"),
         start_from_scratch=bool(cfg.get("start_from_scratch", False)),
         grad_accum=_int(cfg, "grad_accum", 1, minimum=1),
+        val_fraction=held_out_fraction(cfg),
     )
 
 

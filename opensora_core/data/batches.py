@@ -33,10 +33,12 @@ def build_batches(
     text_features: bool = False,
     clips_table: str | None = None,
     batch_size: int | None = None,
+    val_fraction: float | None = None,
 ) -> SnapshotBatches | FeatureBatches | FixedClipBatches | SyntheticClips:
     """This rank's micro-batches: synthetic clips when `synthetic_data` is given, fixed-size clips of
     `clips_table` (batches of `batch_size`) for a VideoTextDataset, else the snapshot's, read from the
-    feature snapshot directory `features` when one is given.
+    feature snapshot directory `features` when one is given, without the `val_fraction` of its rows
+    that eval-loss holds out (opensora_core.data.validation_split).
 
     The `sp_size` consecutive ranks of a sequence-parallel group get the same batches.
     """
@@ -53,6 +55,7 @@ def build_batches(
         return FeatureBatches(
             snapshot_dir, features, dataset, video_features=video_features, text_features=text_features,
             rank=rank, world_size=world_size, seed=seed, sp_size=sp_size, num_workers=num_workers,
+            val_fraction=val_fraction,
         )  # fmt: skip
     return SnapshotBatches(
         snapshot_dir,
@@ -62,6 +65,7 @@ def build_batches(
         seed=seed,
         sp_size=sp_size,
         num_workers=num_workers,
+        val_fraction=val_fraction,
     )
 
 
@@ -80,7 +84,8 @@ def clip_dataset(snapshot: Any, dataset_cfg: dict[str, Any], seed: int) -> Any:
 class SnapshotBatches:
     """Batches of decoded clips from a bucket snapshot; DataLoader workers do the decoding.
 
-    A batch whose every sample failed to load comes out as None (see `collate_fn`).
+    A batch whose every sample failed to load comes out as None (see `collate_fn`). The rows of the
+    validation split (`val_fraction`) sit out.
     """
 
     def __init__(
@@ -93,9 +98,11 @@ class SnapshotBatches:
         seed: int,
         sp_size: int = 1,
         num_workers: int,
+        val_fraction: float | None = None,
     ) -> None:
         from opensora_core.data.sampler import BucketBatchSampler
         from opensora_core.data.snapshot import open_snapshot
+        from opensora_core.data.validation_split import training_rows
 
         dataset_cfg = dict(dataset or {})
         if dataset_cfg.get("type", "VariableVideoTextDataset") != "VariableVideoTextDataset":
@@ -116,8 +123,9 @@ class SnapshotBatches:
         self.dataset = clip_dataset(snapshot, dataset_cfg, seed)
         # the sampler's seed is the snapshot's, so epoch 0 uses the buckets drawn at build time
         self.sampler = BucketBatchSampler(
-            snapshot, num_replicas=world_size, rank=rank, sp_size=sp_size, drop_last=True
-        )
+            snapshot, num_replicas=world_size, rank=rank, sp_size=sp_size, drop_last=True,
+            rows=training_rows(snapshot.full_table(), val_fraction),
+        )  # fmt: skip
         self.num_workers = num_workers
         self.bucket_names = [b.key.id for b in buckets]
         self._names = {f"{b.num_frames}-{b.height}-{b.width}": b.key.id for b in buckets}
@@ -165,7 +173,8 @@ class FeatureBatches(SnapshotBatches):
 
     The clips were cropped and encoded at their stored bucket's size, so every epoch keeps the
     bucket snapshot's buckets (no redraw), and the rows without features (clips that failed at
-    precompute) sit out. Without video features the clips are decoded as SnapshotBatches does.
+    precompute) sit out, and so do the rows of the validation split (`val_fraction`). Without video
+    features the clips are decoded as SnapshotBatches does.
     """
 
     def __init__(
@@ -181,9 +190,11 @@ class FeatureBatches(SnapshotBatches):
         seed: int,
         sp_size: int = 1,
         num_workers: int,
+        val_fraction: float | None = None,
     ) -> None:
         from opensora_core.data.sampler import BucketBatchSampler
         from opensora_core.data.snapshot import open_snapshot
+        from opensora_core.data.validation_split import training_rows
         from opensora_core.features.dataset import FeatureDataset
         from opensora_core.features.store import open_features
 
@@ -198,9 +209,10 @@ class FeatureBatches(SnapshotBatches):
         self.dataset = FeatureDataset(
             stored, video_features=video_features, text_features=text_features, seed=seed, video=video
         )
+        training = training_rows(snapshot.full_table(), val_fraction)
         self.sampler = BucketBatchSampler(
             snapshot, num_replicas=world_size, rank=rank, sp_size=sp_size, drop_last=True,
-            redraw=False, rows=stored.samples,
+            redraw=False, rows=_without_held_out(stored.samples, training),
         )  # fmt: skip
         self.num_workers = num_workers
         self.bucket_names = [b.key.id for b in buckets]
@@ -304,6 +316,9 @@ class FixedClipBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.start = int(state["consumed_batches"]) // self.world_size
+def _without_held_out(rows: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """`rows` that are also in `allowed` (all of them when `allowed` is None)."""
+    return rows if allowed is None else np.intersect1d(rows, allowed)
 
 
 class SyntheticClips:

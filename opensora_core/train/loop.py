@@ -253,6 +253,7 @@ def setup_worker(job: TrainJob) -> Worker:
         rank=rank, world_size=world_size, seed=s.seed, sp_size=s.sp_size, num_workers=s.num_workers,
         features=features.path if features else None, video_features=bool(features and features.video),
         text_features=bool(features and features.text), clips_table=job.clips_table, batch_size=s.batch_size,
+        val_fraction=s.val_fraction,
     )  # fmt: skip
     empty_caption = _empty_caption(job, loader, text_encoder)
     if len(loader) // s.grad_accum == 0:

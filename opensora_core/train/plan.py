@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from opensora_core.data.manifest import BucketStats
-from opensora_core.train.preflight import StepPlan, step_plan
+from opensora_core.train.preflight import StepPlan, training_plan
 from opensora_core.train.step_trial import Trial
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def make_plan(
     s = cfg.training
     num_workers = num_workers or s.num_train_workers
     snapshot = open_snapshot(snapshot_dir)
-    steps = step_plan(snapshot.manifest, num_workers=num_workers, sp_size=s.sp_size, grad_accum=s.grad_accum)
+    steps = training_plan(snapshot, s, num_workers=num_workers)  # without the validation split
     searched = {}
     path = Path(step_times) if step_times else results_path_of(cfg.path)
     if path.is_file():

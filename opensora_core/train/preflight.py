@@ -1,7 +1,8 @@
 """Pre-flight check of a training run: does the data give a full step, and which buckets can never fill a batch.
 
-Runs on the driver from the snapshot's manifest alone (no table is read, no Ray is started), so a run that
-would find no full step refuses in one line before any worker or model is built. The arithmetic is the
+Runs on the driver from the snapshot's manifest (no Ray is started; with `val_fraction` the snapshot's table
+is read too, and the held-out rows are not counted: training never sees them), so a run that would find no
+full step refuses in one line before any worker or model is built. The arithmetic is the
 bucket sampler's with `drop_last=True` (opensora_core.data.sampler): a bucket gives `samples // batch_size`
 full batches, all buckets' batches are pooled and dealt out to the data-parallel ranks in whole rounds, and
 a step takes `grad_accum` of a rank's batches. Later epochs redraw the buckets (keep_prob, t_prob), so
@@ -10,11 +11,15 @@ their counts differ a little from the snapshot's epoch, which is the one checked
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from opensora_core.data.manifest import BucketStats, Manifest
+from opensora_core.data.snapshot import Snapshot
 from opensora_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,43 @@ def step_plan(manifest: Manifest, *, num_workers: int, sp_size: int = 1, grad_ac
     if sp_size < 1 or num_workers % sp_size:
         raise ConfigError(f"sp_size={sp_size} must divide num_train_workers={num_workers}")
     return StepPlan(manifest.buckets, num_workers // sp_size, grad_accum)
+
+
+def training_plan(snapshot: Snapshot, settings: Any, *, num_workers: int) -> StepPlan:
+    """The epoch plan of the rows training uses: `snapshot`'s buckets without the validation split that
+    `settings.val_fraction` holds out (a TrainingSettings)."""
+    plan = step_plan(
+        snapshot.manifest, num_workers=num_workers, sp_size=settings.sp_size, grad_accum=settings.grad_accum
+    )
+    if settings.val_fraction is None:
+        return plan
+    return dataclasses.replace(plan, buckets=training_buckets(snapshot, settings.val_fraction))
+
+
+def training_buckets(snapshot: Snapshot, val_fraction: float) -> tuple[BucketStats, ...]:
+    """The snapshot's kept buckets counting only the rows outside the validation split; buckets left with
+    no row are dropped. Logs how many rows are held out."""
+    from opensora_core.data.validation_split import held_out
+
+    held = held_out(snapshot.full_table(), val_fraction)
+    buckets, start = [], 0
+    for b in snapshot.manifest.buckets:  # a bucket's rows are one slice of the full table, in manifest order
+        count = b.count - int(np.count_nonzero(held[start : start + b.count]))
+        start += b.count
+        if count:
+            buckets.append(dataclasses.replace(b, count=count, num_batches=count // b.batch_size))
+    kept = snapshot.manifest.num_kept
+    held_kept = kept - sum(b.count for b in buckets)
+    log.info(
+        "val_fraction=%g: %d of %d snapshot rows held out of training for eval-loss (%d of the %d kept ones)",
+        val_fraction, int(held.sum()), len(held), held_kept, kept,
+    )  # fmt: skip
+    if kept and not buckets:
+        raise ConfigError(
+            f"val_fraction={val_fraction}: holds out all {kept} kept samples of bucket snapshot "
+            f"{snapshot.path}; lower val_fraction or set val_data_path"
+        )
+    return tuple(buckets)
 
 
 def fitting_batch_size(bucket: BucketStats, plan: StepPlan) -> int:
@@ -117,7 +159,7 @@ def preflight(cfg: Any, *, snapshot_dir: str | None, num_workers: int) -> StepPl
     if not snapshot_dir:
         raise ConfigError("snapshot_dir: training needs a bucket snapshot (build one with `opensora bucket`)")
     snapshot = open_snapshot(snapshot_dir)
-    plan = step_plan(snapshot.manifest, num_workers=num_workers, sp_size=s.sp_size, grad_accum=s.grad_accum)
+    plan = training_plan(snapshot, s, num_workers=num_workers)
     check_step_plan(plan, str(snapshot.path))
     return plan
 

@@ -81,7 +81,7 @@ eval_aspect_ratio = "9:16"
 eval_num_frames = 17
 eval_fps = 24
 eval_seed = 1024
-# Evaluation loss per bucket (`opensora eval-loss`, run by the evaluate stage) on a held-out share of the
-# snapshot, chosen by path hash; note the share is still trained on (see sample/eval_loss.py).
+# Evaluation loss per bucket (`opensora eval-loss`, run by the evaluate stage on the training workers) on a
+# held-out share of the snapshot, chosen by path hash; training leaves that share out.
 val_fraction = 0.25
 num_eval_timesteps = 4
