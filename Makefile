@@ -19,7 +19,7 @@ demo: install
 	infra/local/demo
 
 test: install
-	$(PY) -m pytest -ra --timeout=900 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -ra --timeout=900 --durations=25 $(PYTEST_ARGS) tests
 
 test-fast: install
 	$(PY) -m pytest -ra -m "not e2e and not slow" $(PYTEST_ARGS) tests

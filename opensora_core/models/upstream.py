@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opensora_core.errors import CheckpointError
+from opensora_core.models.weights import KeyDiff
 
 if TYPE_CHECKING:
     import torch
@@ -101,12 +102,12 @@ def load_partial(
 ) -> None:
     """Load what the file and the model share, as Open-Sora does for upstream files, with the guards above."""
     expected = model.state_dict()
-    shared = [k for k in expected if k in state]
-    wrong_shape = [k for k in shared if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong_shape:
-        k = wrong_shape[0]
+    diff = KeyDiff.of(expected, state)
+    shared, missing, unused = diff.shared, diff.missing, diff.unexpected
+    if diff.wrong_shape:
+        k = diff.wrong_shape[0]
         raise CheckpointError(
-            f"{file}: does not fit {section}.type={type_name!r}: {len(wrong_shape)} wrongly shaped tensors "
+            f"{file}: does not fit {section}.type={type_name!r}: {len(diff.wrong_shape)} wrongly shaped tensors "
             f"(e.g. {k!r}: {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model; "
             "check hidden_size / depth / patch_size against the released model)"
         )
@@ -115,8 +116,6 @@ def load_partial(
             f"{file}: does not fit {section}.type={type_name!r}: only {len(shared)} of its {len(expected)} "
             "tensors are in the file"
         )
-    missing = [k for k in expected if k not in state]
-    unused = [k for k in state if k not in expected]
     model.load_state_dict({k: state[k] for k in shared}, strict=False)
     log.info(
         "loaded %d of %d %s tensors from %s (%s's release, Open-Sora's non-strict load); "

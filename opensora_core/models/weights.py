@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,27 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class KeyDiff:
+    """How a file's state dict differs from a model's: the strict load and the upstream partial load
+    read the same three lists."""
+
+    shared: list[str]
+    missing: list[str]  # in the model, not in the file
+    unexpected: list[str]  # in the file, not in the model
+    wrong_shape: list[str]  # in both, with different shapes
+
+    @classmethod
+    def of(cls, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> KeyDiff:
+        shared = [k for k in expected if k in state]
+        return cls(
+            shared=shared,
+            missing=[k for k in expected if k not in state],
+            unexpected=[k for k in state if k not in expected],
+            wrong_shape=[k for k in shared if tuple(state[k].shape) != tuple(expected[k].shape)],
+        )
+
+
 def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str, section: str = "model") -> None:
     """Load weights with strict=True; a checkpoint of another model type raises CheckpointError."""
     from opensora_core.models import upstream
@@ -78,15 +100,12 @@ def load_model_weights(model: nn.Module, path: str | Path, *, type_name: str, se
     if from_upstream:
         upstream.load_partial(model, file, state, section=section, type_name=type_name)
         return
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong_shape:
-        example = (missing or unexpected or wrong_shape)[0]
+    diff = KeyDiff.of(model.state_dict(), state)
+    if diff.missing or diff.unexpected or diff.wrong_shape:
+        example = (diff.missing or diff.unexpected or diff.wrong_shape)[0]
         raise CheckpointError(
-            f"{file}: does not fit {section}.type={type_name!r}: {len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(wrong_shape)} wrongly shaped keys (e.g. {example!r})"
+            f"{file}: does not fit {section}.type={type_name!r}: {len(diff.missing)} missing, "
+            f"{len(diff.unexpected)} unexpected, {len(diff.wrong_shape)} wrongly shaped keys (e.g. {example!r})"
         )
     model.load_state_dict(state, strict=True)
     log.info("loaded %s weights from %s", type_name, file)
