@@ -76,7 +76,10 @@ def test_health_endpoints_answer(stack):
     settings, _, _ = stack
     assert _get(f"{settings.mlflow_url}/health") == (200, "OK")
     assert _get(f"{settings.prefect_url}/api/health") == (200, "true")
-    assert _get(f"{settings.ray_dashboard_url}/api/gcs_healthz")[0] == 200
+    # gcs_healthz answers 503 when the GCS misses its health-check deadline, which a starved CPU can
+    # cause once; a GCS that is down keeps answering 503.
+    codes = [_get(f"{settings.ray_dashboard_url}/api/gcs_healthz")[0] for _ in range(3)]
+    assert 200 in codes, codes
 
 
 def test_ray_dashboard_requires_the_token(stack):
