@@ -99,7 +99,8 @@ def test_losses_go_to_mlflow_at_the_checkpoints_step_and_the_command_ends_with_a
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    run = client.create_run(client.create_experiment("eval-loss")).info.run_id
+    experiment = client.create_experiment("eval-loss", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment).info.run_id  # artifacts in the test's directory, not ./mlruns
     assert cli.main(["eval-loss", str(setup["config"]), "--checkpoint", str(setup["root"] / "run"),
                      "--output", str(tmp_path / "out"), "--mlflow-run-id", run]) == 0  # fmt: skip
     history = client.get_metric_history(run, "eval_loss/144p-17")
