@@ -6,8 +6,9 @@ refuses data that gives no full step before any training worker starts."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.runtime import flow_run
 
 from opensora_core import tracking
@@ -16,6 +17,7 @@ from opensora_core.features.settings import feature_settings
 from tasks.stages import (
     build_buckets,
     evaluate_checkpoint,
+    link_artifact,
     plan_training,
     precompute_features,
     scan_media,
@@ -25,7 +27,22 @@ from tasks.stages import (
 DEFAULT_CONFIG = "configs/opensora-v1-2/train/stage1.py"
 
 
-@flow(name="train", log_prints=True)
+def run_name() -> str:
+    """The flow run's name as it starts: the config's (e.g. `demo`); `name_after_snapshot` adds the
+    bucket snapshot's id once it is built."""
+    return Path(flow_run.parameters.get("config") or DEFAULT_CONFIG).stem
+
+
+def name_after_snapshot(snapshot: str) -> None:
+    """Rename the running flow run `<config>@<snapshot id>`, so the runs list says what each trained on."""
+    flow_run_id = flow_run.get_id()
+    if flow_run_id is None:  # called outside a flow run
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run_id, name=f"{run_name()}@{Path(snapshot).name}")
+
+
+@flow(name="train", flow_run_name=run_name, log_prints=True)
 def train_pipeline(
     config: str = DEFAULT_CONFIG,
     data_path: str | None = None,
@@ -43,11 +60,13 @@ def train_pipeline(
         )
         tracking.log_config(parent, cfg.raw.to_dict(), config)
         logger.info("MLflow run: %s", tracking.run_url(parent) or parent)
+        link_artifact(tracking.run_url(parent), "mlflow-pipeline-run", "MLflow pipeline run")
     try:
         meta = snapshot = features = None
         if cfg.dataset.type != "BatchFeatureDataset":  # Open-Sora's stage1_feat.py: stored features only
             meta = scan_media(config, overrides, cfg_options, parent)
             snapshot = build_buckets(config, overrides, cfg_options, meta, parent)
+            name_after_snapshot(snapshot)
             if feature_settings(cfg.raw).enabled:
                 features = precompute_features(config, overrides, cfg_options, snapshot, parent)
             plan_training(config, overrides, cfg_options, snapshot, parent)  # refuses data with no full step

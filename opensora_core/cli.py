@@ -161,30 +161,50 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from opensora_core import tracking
     from opensora_core.config import load_config
     from opensora_core.stages import current_snapshot
+    from opensora_core.storage import local_mirror
     from opensora_core.train.plan import log_plan, make_plan, plan_table
 
     cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    console.log_to(local_mirror(cfg.training.outputs), "plan")  # the step trials' DeepSpeed logs
+    start = time.perf_counter()
     plan = make_plan(
         cfg, snapshot_dir=ns.snapshot or current_snapshot(cfg), num_workers=ns.num_train_workers,
         step_times=ns.step_times,
     )  # fmt: skip
     _console().print(plan_table(plan))
+    run_id = None
     if tracking.tracking_enabled():
         with tracking.stage_run("plan", parent_run_id=None) as run_id:
             log_plan(run_id, plan)
+    sources = {source: sum(c.source == source for c in plan.buckets) for source in ("search-bs", "measured")}
+    console.summary(
+        f"planned {len(plan.buckets)} bucket(s) of {plan.snapshot} in {console.duration(time.perf_counter() - start)}: "
+        f"{plan.total_steps} steps, {plan.gpu_hours:.3g} GPU-hours (step times: {sources['search-bs']} from "
+        f"search-bs, {sources['measured']} measured here)",
+        f"MLflow run: {_mlflow_run(run_id)}",
+    )
     return 0
 
 
 def cmd_search_bs(ns: argparse.Namespace) -> int:
-    from opensora_core.train.search_bs import search_batch_sizes, search_table
+    from opensora_core.storage import local_mirror
+    from opensora_core.train.search_bs import search_batch_sizes, search_config, search_table
 
+    cfg, _ = search_config(ns.config, ns.cfg_options)  # a bad config fails here, in one line
+    console.log_to(local_mirror(cfg.training.outputs), "search-bs")  # DeepSpeed's logs of each trial
     result = search_batch_sizes(
         ns.config, output=ns.output, memory_budget_gib=ns.memory_budget, cfg_options=ns.cfg_options,
         warmup_steps=ns.warmup_steps, active_steps=ns.active_steps, batch_size_start=ns.batch_size_start,
         batch_size_end=ns.batch_size_end,
     )  # fmt: skip
     _console().print(search_table(result.results, result.reference_step_s))
-    print(f"fitted config: {result.output} (trials: {result.results_file}; {result.wall_s:.1f} s)")
+    fitted = sum(r.trial is not None for r in result.results)
+    console.summary(
+        f"searched {len(result.results)} buckets ({fitted} with a batch size that fits) on {result.device} "
+        f"in {console.duration(result.wall_s)}",
+        f"fitted config: {result.output} (trials: {result.results_file})",
+        f"MLflow run: {_mlflow_run(result.mlflow_run_id)}",
+    )
     return 0
 
 
@@ -211,14 +231,25 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
 def cmd_eval_loss(ns: argparse.Namespace) -> int:
     from opensora_core.sample.eval_loss import eval_loss_checkpoints
+    from opensora_core.sample.evaluate import find_checkpoints
 
     runs = [ns.mlflow_run_id] if ns.mlflow_run_id else []
+    out = Path(ns.output) if ns.output else find_checkpoints(ns.checkpoint)[0].parent / "eval_loss"
+    console.log_to(out.resolve().parent, "eval-loss")  # Ray's and the workers' logs, beside the results
+    start = time.perf_counter()
     results = eval_loss_checkpoints(
-        ns.config, ns.checkpoint, snapshot_dir=ns.snapshot, output_dir=ns.output, cfg_options=ns.cfg_options,
+        ns.config, ns.checkpoint, snapshot_dir=ns.snapshot, output_dir=out, cfg_options=ns.cfg_options,
         mlflow_run_ids=runs, num_workers=ns.num_train_workers, ray_address=ns.ray_address,
     )  # fmt: skip
     for result in results:
         print(json.dumps({"global_step": result.global_step, "mean": result.mean, **result.per_bucket}))
+    last = results[-1]
+    console.summary(
+        f"eval-loss of {len(results)} checkpoint(s) in {console.duration(time.perf_counter() - start)}: "
+        f"mean {last.mean:.5f} at step {last.global_step} over {sum(last.samples.values())} held-out "
+        f"samples, under {out}",
+        f"MLflow run: {_mlflow_run(ns.mlflow_run_id)}",
+    )
     return 0
 
 

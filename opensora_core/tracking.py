@@ -9,9 +9,13 @@ a server that restarts never stalls or fails a step, and what never reached it i
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -32,6 +36,12 @@ MAX_PARAM_VALUE = 6000  # MLflow 3 limit on a param's value length
 SERVER_WAIT_S = 30.0
 # How long the end of training waits for queued records to reach a server that is away.
 CATCH_UP_S = 120.0
+# How often MLflow's system-metrics monitor samples and logs (its default, 10 s, leaves a short run with
+# one point or none; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still overrides this).
+SYSTEM_METRICS_EVERY_S = 5.0
+# How long the end of training waits for that monitor to stop (it may be inside a request to a server
+# that is away, which MLflow's client retries for minutes).
+SYSTEM_METRICS_STOP_S = 10.0
 # How often the training logger asks a server that did not answer again.
 RETRY_EVERY_S = 2.0
 # The training logger sends at most once per this many seconds: records of several logged steps share
@@ -88,6 +98,50 @@ def code_version() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def code_commit() -> str:
+    """The full git commit of the code that runs, with "-dirty" when tracked files differ from it;
+    "unknown" outside a checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if commit and dirty else commit or "unknown"
+
+
+def config_hash(config_text: str) -> str:
+    """A short stable hash of a config as resolved (after `_base_` and overrides): equal hashes, equal runs."""
+    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+
+
+def lineage_tags(
+    *,
+    config_hash: str,
+    code_commit: str,
+    bucket_snapshot: str | None = None,
+    metadata_fingerprint: str | None = None,
+    bucket_config_hash: str | None = None,
+    feature_snapshot: str | None = None,
+) -> dict[str, str]:
+    """The data and code a run trained on, as `lineage.*` tags (the ones it has: a run on synthetic clips
+    has no snapshot); the same tags go on the model version registered from its checkpoint."""
+    values = {
+        "bucket_snapshot": bucket_snapshot,
+        "feature_snapshot": feature_snapshot,
+        "metadata_fingerprint": metadata_fingerprint,
+        "bucket_config_hash": bucket_config_hash,
+        "config_hash": config_hash,
+        "code_commit": code_commit,
+    }
+    return {f"lineage.{key}": str(value) for key, value in values.items() if value}
 
 
 def start_run(
@@ -376,3 +430,109 @@ def run_url(run_id: str) -> str | None:
 
     run = mlflow.MlflowClient().get_run(run_id)
     return f"{redact_url(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def start_system_metrics(run_id: str, *, node_id: str | None = None) -> Any:
+    """Start MLflow's own system-metrics monitor on `run_id`: `system/` CPU, memory, disk and network
+    metrics, and GPU utilisation and memory when nvidia-ml-py finds a GPU (`system/<node_id>/...` when
+    given). It runs in a thread of this process until `stop_system_metrics` or the run ends.
+
+    The monitor `mlflow.start_run(log_system_metrics=True)` starts, used on its own: runs here are
+    addressed by id, and making the run this process's active run would have it end the run too.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_EVERY_S, node_id=node_id)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor: Any, timeout_s: float | None = None) -> None:
+    """Stop the monitor, then log one last sample: the time since its last one (MLflow's `finish` drops
+    what it sampled since it last logged, which for a run shorter than the interval is everything).
+    Waits at most `timeout_s` (SYSTEM_METRICS_STOP_S): `finish` joins a thread that may be retrying a
+    request to a server that is away."""
+
+    def finish() -> None:
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+
+    stopper = threading.Thread(target=finish, name="mlflow-system-metrics-stop", daemon=True)
+    stopper.start()
+    stopper.join(SYSTEM_METRICS_STOP_S if timeout_s is None else timeout_s)
+
+
+# ---------------------------------------------------------------- checkpoints as model versions
+
+CHECKPOINT_REFERENCE = "checkpoint.json"
+
+
+def registered_model_name(config_path: str | Path | None, model_type: str) -> str:
+    """The registered model a run's checkpoints become versions of: `opensora-<config name>` (the config
+    file's stem), else `opensora-<model type>`; characters MLflow's UI would mangle become "-"."""
+    named = config_path and not str(config_path).startswith("<")  # "<config>": built in memory
+    base = Path(config_path).stem if named else model_type
+    return "opensora-" + re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-")
+
+
+def model_source(checkpoint: str, run_id: str) -> str:
+    """The model version's `source`: the checkpoint's own URI when it is on shared storage (`s3://...`;
+    the tracking server stores it as given), else the run's reference to it (`runs:/<id>/checkpoints/<name>`,
+    a small JSON naming the path): MLflow's server refuses a local path outside the run's artifacts."""
+    from opensora_core.storage import is_uri
+
+    if is_uri(checkpoint) and not checkpoint.startswith("file:"):
+        return checkpoint
+    return f"runs:/{run_id}/checkpoints/{Path(checkpoint).name}"
+
+
+def checkpoint_reference(checkpoint: str, global_step: int, files: Mapping[str, int]) -> dict[str, Any]:
+    """What `checkpoints/<name>/checkpoint.json` holds: where the checkpoint is and what is in it (file ->
+    bytes), so a model version's source names it without a copy of its bytes."""
+    return {"uri": checkpoint, "global_step": global_step, "files": dict(sorted(files.items()))}
+
+
+def register_checkpoint(
+    run_id: str,
+    checkpoint: str,
+    *,
+    global_step: int,
+    files: Mapping[str, int],
+    model_name: str,
+    tags: Mapping[str, str],
+) -> tuple[str, str]:
+    """Register `checkpoint` as a new version of `model_name` (created on first use) made by `run_id`,
+    with `tags` (the run's lineage) and its location; returns (name, version). The run gets the reference
+    file under `checkpoints/<name>/` and a `registered_model` tag naming the version."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.create_registered_model(
+            model_name, description="Open-Sora checkpoints registered by `opensora train` runs"
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    name = Path(checkpoint).name
+    with tempfile.TemporaryDirectory() as local:
+        path = Path(local) / CHECKPOINT_REFERENCE
+        path.write_text(json.dumps(checkpoint_reference(checkpoint, global_step, files), indent=2) + "\n")
+        client.log_artifact(run_id, str(path), artifact_path=f"checkpoints/{name}")
+    version_tags = {**tags, "checkpoint_uri": checkpoint, "global_step": str(global_step)}
+    source = model_source(checkpoint, run_id)
+    try:
+        version = client.create_model_version(model_name, source, run_id=run_id, tags=version_tags)
+    except MlflowException as err:
+        if err.error_code != "INVALID_PARAMETER_VALUE" or source.startswith("runs:/"):
+            raise
+        # a URI scheme this server will not point at (hdfs:// without its allow-list): the reference
+        log.info(
+            "MLflow refused %s as a model version source (%s); registering the run's reference", source, err
+        )
+        source = f"runs:/{run_id}/checkpoints/{name}"
+        version = client.create_model_version(model_name, source, run_id=run_id, tags=version_tags)
+    set_tags(run_id, {"registered_model": f"{model_name}/{version.version}"})
+    return model_name, str(version.version)

@@ -1,4 +1,8 @@
-"""Prefect tasks around the pipeline stages; each reloads the config so a task is self-contained."""
+"""Prefect tasks around the pipeline stages; each reloads the config so a task is self-contained.
+
+What a person opens the flow run for is on its page as artifacts: the bucket report and the training
+plan as tables, the MLflow runs and the Ray dashboard as links.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from opensora_core import stages, tracking
@@ -57,7 +62,7 @@ def build_buckets(
     config: str, overrides: dict | None, cfg_options: list[str] | None, meta: str, parent_run_id: str | None
 ) -> str:
     """Bucket-assign the metadata with Ray Data into a new snapshot; returns the snapshot directory."""
-    from opensora_core.data.bucket_report import REPORT_PLOT_NAME, format_report
+    from opensora_core.data.bucket_report import REPORT_PLOT_NAME, format_report, report_rows, report_summary
     from opensora_core.data.manifest import MANIFEST_NAME
 
     logger = get_run_logger()
@@ -66,6 +71,11 @@ def build_buckets(
         info = stages.build_buckets(cfg, Path(meta))
         logger.info("bucket snapshot %s\n%s", info.path, format_report(info.manifest))
         manifest = info.manifest
+        create_table_artifact(
+            report_rows(manifest),
+            key="bucket-report",
+            description=f"Bucket snapshot `{manifest.snapshot_id}`: {report_summary(manifest)}",
+        )
         if run_id:
             tracking.set_tags(run_id, {"bucket_snapshot": manifest.snapshot_id})
             tracking.log_metrics(
@@ -99,7 +109,7 @@ def plan_training(
     parent_run_id: str | None,
 ) -> dict:
     """Before training: the run's plan on the snapshot (refused here when it gives no full step), to MLflow."""
-    from opensora_core.train.plan import format_plan, log_plan, make_plan
+    from opensora_core.train.plan import format_plan, log_plan, make_plan, plan_rows, plan_table
     from opensora_core.train.preflight import check_step_plan
 
     logger = get_run_logger()
@@ -107,6 +117,7 @@ def plan_training(
     with tracking.stage_run("plan", parent_run_id=parent_run_id) as run_id:
         plan = make_plan(cfg, snapshot_dir=snapshot)
         logger.info("training plan\n%s", format_plan(plan))
+        create_table_artifact(plan_rows(plan), key="training-plan", description=plan_table(plan).caption)
         if run_id:
             log_plan(run_id, plan)
         check_step_plan(plan.steps, snapshot)
@@ -177,11 +188,17 @@ def train_model(
 
     With `features` (a feature snapshot directory) the workers read stored latents and captions.
     """
+    from opensora_core.parallel.launch import dashboard_url
+
     logger = get_run_logger()
     cfg = stage_config(config, overrides, cfg_options)
     with tracking.stage_run("train", parent_run_id=parent_run_id) as run_id:
         if run_id:
             tracking.log_config(run_id, cfg.raw.to_dict(), config)
+            link_artifact(tracking.run_url(run_id), "mlflow-train-run", "MLflow training run")
+        # the cluster the workers run on: linked before training when known, so it can be watched there
+        dashboard = dashboard_url()
+        link_artifact(dashboard, "ray-dashboard", "Ray dashboard")
         result = stages.run_training(
             cfg,
             snapshot=snapshot,
@@ -189,6 +206,8 @@ def train_model(
             mlflow_run_id=run_id,
             ray_address=os.environ.get("RAY_ADDRESS"),
         )
+        if dashboard is None:  # known once training has connected to Ray
+            link_artifact(dashboard_url(), "ray-dashboard", "Ray dashboard")
         logger.info(
             "trained to global step %s, loss %.4f: %s",
             result.global_step,
@@ -201,6 +220,12 @@ def train_model(
         "exp_dir": result.exp_dir,
         "train_run_id": run_id,
     }
+
+
+def link_artifact(url: str | None, key: str, text: str) -> None:
+    """A link on the flow run's page (and, by `key`, on Prefect's Artifacts page); none without a URL."""
+    if url:
+        create_link_artifact(url, link_text=text, key=key, description=f"{text} of this flow run")
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **RETRYABLE)

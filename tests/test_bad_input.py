@@ -293,7 +293,9 @@ def skip_run(ray_env, tmp_path_factory):
     assert snapshot.manifest.num_kept == 3
     pretrained = create_tiny_pretrained(root / "pretrained")
     client = mlflow.MlflowClient()
-    run_id = client.create_run(client.create_experiment("bad-input")).info.run_id
+    run_id = client.create_run(
+        client.create_experiment("bad-input", artifact_location=str(root / "artifacts"))
+    ).info.run_id
     cfg = Config(
         dict(
             model=dict(

@@ -145,8 +145,8 @@ def test_a_step_from_stored_features_has_the_loss_of_the_step_from_raw_video(dat
     ).train()  # fmt: skip
     scheduler = build_scheduler(dict(type="rflow", use_timestep_transform=True, sample_method="logit-normal"))
     args = dict(seed=seed, device=torch.device("cpu"), dtype=torch.float32)
-    loss_raw, _ = micro_batch_loss(model, scheduler, raw, vae=vae, text_encoder=t5, **args)
-    loss_features, _ = micro_batch_loss(model, scheduler, from_features, vae=None, text_encoder=None, **args)
+    loss_raw, *_ = micro_batch_loss(model, scheduler, raw, vae=vae, text_encoder=t5, **args)
+    loss_features, *_ = micro_batch_loss(model, scheduler, from_features, vae=None, text_encoder=None, **args)
     assert loss_features.item() == loss_raw.item()
 
 

@@ -107,6 +107,39 @@ def test_prefect_shows_the_four_stages_as_task_runs(pipeline_run: dict) -> None:
     assert all(r["state_type"] == "COMPLETED" for r in task_runs)
 
 
+def test_prefect_flow_run_is_named_after_config_and_snapshot_and_links_to_everything(
+    pipeline_run: dict,
+) -> None:
+    env = pipeline_run["env"]
+    _, runs = pipeline_runs(pipeline_run)
+    flow_run = prefect_request(env, "GET", f"/flow_runs/{runs['pipeline'].data.tags['prefect_flow_run_id']}")
+    snapshot = runs["bucket"].data.tags["bucket_snapshot"]
+    assert flow_run["name"] == f"e2e@{snapshot}"  # the config file's name and the snapshot it built
+
+    artifacts = prefect_api(
+        env, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}}
+    )
+    by_key = {a["key"]: a for a in artifacts if a["key"]}
+    tables, links = (
+        ("bucket-report", "training-plan"),
+        ("mlflow-pipeline-run", "mlflow-train-run", "ray-dashboard"),
+    )
+    assert set(tables) | set(links) <= set(by_key)
+    assert {by_key[k]["type"] for k in tables} == {"table"} and {by_key[k]["type"] for k in links} == {
+        "markdown"
+    }
+    report = json.loads(by_key["bucket-report"]["data"])
+    assert report and {"resolution", "frames", "samples", "batch"} <= set(report[0])
+    assert snapshot in by_key["bucket-report"]["description"]
+    assert json.loads(by_key["training-plan"]["data"])[0]["bucket"]
+
+    assert by_key["mlflow-pipeline-run"]["data"].endswith(f"/runs/{runs['pipeline'].info.run_id})")
+    assert by_key["mlflow-train-run"]["data"].endswith(f"/runs/{runs['train'].info.run_id})")
+    assert by_key["ray-dashboard"]["data"].endswith(f"({env['RAY_API_SERVER_ADDRESS']})")
+    with urllib.request.urlopen(env["RAY_API_SERVER_ADDRESS"] + "/api/gcs_healthz", timeout=30) as response:
+        assert response.status == 200  # the link leads to the running dashboard
+
+
 def test_mlflow_holds_config_params_loss_series_and_the_sample(pipeline_run: dict) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = pipeline_run["env"]["MLFLOW_TRACKING_URI"]
     import mlflow
@@ -144,9 +177,103 @@ def test_mlflow_holds_config_params_loss_series_and_the_sample(pipeline_run: dic
     train_run = children["train"].info.run_id
     steps = sorted(m.step for m in client.get_metric_history(train_run, "eval/sampling_seconds"))
     assert steps and len(steps) == len(set(steps)), steps
-    train_eval = sorted(d.path for d in client.list_artifacts(train_run, "eval"))
+    train_eval = sorted(d.path for d in client.list_artifacts(train_run, "eval") if d.path != "eval/strips")
     assert train_eval == [f"eval/step_{step:06d}" for step in steps]
-    assert sorted(d.path for d in step_dirs) == train_eval
+    assert sorted(d.path for d in step_dirs if d.path != "eval/strips") == train_eval
+
+
+def pipeline_runs(pipeline_run: dict):
+    """(MlflowClient, {stage: child run}) of the pipeline run this module made."""
+    os.environ["MLFLOW_TRACKING_URI"] = pipeline_run["env"]["MLFLOW_TRACKING_URI"]
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("opensora").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("stage") == "pipeline")
+    children = {
+        r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    return client, {"pipeline": parent, **children}
+
+
+def test_mlflow_training_run_has_system_metrics_bucket_losses_and_throughput(pipeline_run: dict) -> None:
+    client, runs = pipeline_runs(pipeline_run)
+    metrics = runs["train"].data.metrics
+    # MLflow's own system metrics (no GPU here: CPU and memory)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+    # one loss series per (resolution, num_frames) of the snapshot's buckets, no bucket index series
+    manifest = json.loads(
+        Path(client.download_artifacts(runs["bucket"].info.run_id, "buckets/manifest.json")).read_text()
+    )
+    groups = {f"loss/{b['resolution']}-{b['num_frames']}" for b in manifest["buckets"]}
+    bucket_losses = {k for k in metrics if k.startswith("loss/")}
+    assert bucket_losses and bucket_losses <= groups, (bucket_losses, groups)
+    assert "bucket" not in metrics and not any(k.startswith("bucket.") for k in runs["train"].data.tags)
+    assert metrics["tokens_per_s"] > 0 and metrics["samples_per_s"] > 0
+
+
+def test_final_checkpoint_is_a_model_version_with_the_run_s_lineage(pipeline_run: dict) -> None:
+    client, runs = pipeline_runs(pipeline_run)
+    train = runs["train"]
+    tags = train.data.tags
+    manifest = json.loads(
+        Path(client.download_artifacts(runs["bucket"].info.run_id, "buckets/manifest.json")).read_text()
+    )
+    lineage = {k: v for k, v in tags.items() if k.startswith("lineage.")}
+    assert (
+        lineage["lineage.bucket_snapshot"]
+        == manifest["snapshot_id"]
+        == runs["bucket"].data.tags["bucket_snapshot"]
+    )
+    assert lineage["lineage.metadata_fingerprint"] == manifest["metadata_fingerprint"]
+    assert lineage["lineage.bucket_config_hash"] == manifest["config_hash"]
+    assert len(lineage["lineage.config_hash"]) == 16 and lineage["lineage.code_commit"]
+    # each checkpoint under its step, the last one also as the latest
+    final = tags["checkpoint.latest"]
+    assert final == tags[f"checkpoint.global_step{Path(final).name.split('global_step')[1]}"]
+    assert sum(k.startswith("checkpoint.global_step") for k in tags) >= 2
+
+    versions = client.search_model_versions(f"run_id = '{train.info.run_id}'")
+    assert len(versions) == 1
+    version = versions[0]
+    assert tags["registered_model"] == f"{version.name}/{version.version}"
+    assert version.name == "opensora-e2e"  # the config's name
+    assert {k: version.tags[k] for k in lineage} == lineage
+    assert version.tags["checkpoint_uri"] == final
+    # a local checkpoint: the server takes no path outside the run's artifacts, so the version's source
+    # is the run's reference to it, which names the checkpoint and its files (not a copy of them)
+    assert version.source == f"runs:/{train.info.run_id}/checkpoints/{Path(final).name}"
+    reference = json.loads(
+        Path(
+            client.download_artifacts(train.info.run_id, f"checkpoints/{Path(final).name}/checkpoint.json")
+        ).read_text()
+    )
+    assert reference["uri"] == final
+    assert reference["files"]["ema.safetensors"] == (Path(final) / "ema.safetensors").stat().st_size
+    assert [a.path for a in client.list_artifacts(train.info.run_id, f"checkpoints/{Path(final).name}")] == [
+        f"checkpoints/{Path(final).name}/checkpoint.json"
+    ]
+
+
+def test_each_eval_prompt_has_a_strip_with_a_frame_per_checkpoint(
+    pipeline_run: dict, demo_config: Path
+) -> None:
+    from PIL import Image
+
+    from opensora_core.config import load_config
+    from opensora_core.sample.evaluate import STRIP_HEIGHT, EvalSettings
+
+    client, runs = pipeline_runs(pipeline_run)
+    train_run = runs["train"].info.run_id
+    prompts = EvalSettings.from_config(load_config(demo_config)).prompts
+    strips = sorted(a.path for a in client.list_artifacts(train_run, "eval/strips"))
+    assert strips == [f"eval/strips/prompt_{i:04d}.png" for i in range(len(prompts))]
+    checkpoints = len(client.get_metric_history(train_run, "eval/sampling_seconds"))
+    with Image.open(client.download_artifacts(train_run, strips[0])) as strip:
+        width, height = EvalSettings.from_config(load_config(demo_config)).image_size[::-1]
+        frame_width = round(width * STRIP_HEIGHT / height)
+        assert strip.width == checkpoints * frame_width + (checkpoints + 1) * 4
 
 
 def prefect_request(

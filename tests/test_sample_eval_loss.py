@@ -92,12 +92,15 @@ def test_results_and_a_plot_per_resolution_are_written_beside_the_checkpoints(se
     assert (out / "loss_vs_timestep_144p.png").stat().st_size > 1000
 
 
-def test_losses_go_to_mlflow_at_the_checkpoints_step(setup, tmp_path, monkeypatch):
+def test_losses_go_to_mlflow_at_the_checkpoints_step_and_the_command_ends_with_a_summary(
+    setup, tmp_path, monkeypatch, capsys
+):
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    run = client.create_run(client.create_experiment("eval-loss")).info.run_id
+    experiment = client.create_experiment("eval-loss", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment).info.run_id  # artifacts in the test's directory, not ./mlruns
     assert cli.main(["eval-loss", str(setup["config"]), "--checkpoint", str(setup["root"] / "run"),
                      "--output", str(tmp_path / "out"), "--mlflow-run-id", run]) == 0  # fmt: skip
     history = client.get_metric_history(run, "eval_loss/144p-17")
@@ -107,6 +110,14 @@ def test_losses_go_to_mlflow_at_the_checkpoints_step(setup, tmp_path, monkeypatc
     assert [m.step for m in client.get_metric_history(run, "eval_loss/mean")] == [2, 4]
     artifacts = [a.path for a in client.list_artifacts(run, "eval_loss/step_000002")]
     assert "eval_loss/step_000002/loss_vs_timestep_144p.png" in artifacts
+    err = capsys.readouterr().err
+    assert (
+        "eval-loss of 2 checkpoint(s) in " in err
+        and f"over 3 held-out samples, under {tmp_path / 'out'}" in err
+    )
+    assert f"MLflow run: {run} in sqlite:///" in err
+    [log] = [line.removeprefix("log: ") for line in err.splitlines() if line.startswith("log: ")]
+    assert Path(log).parent == tmp_path / "logs" and Path(log).name.startswith("eval-loss-")
 
 
 def test_val_fraction_splits_the_snapshot_by_path_hash(setup, tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import save_file
 
 from opensora_core.config import load_config
@@ -102,12 +104,20 @@ def test_every_checkpoint_is_sampled_and_logged_to_every_run_at_its_step(
         "eval/step_000004/sample_0000.mp4",
         "eval/step_000008/sample_0000.mp4",
     ]
+    # each checkpoint's samples, then the prompt's strip again (now with one more frame)
     assert artifacts == [
         ("eval-run", "eval/step_000004"),
+        ("eval-run", "eval/strips"),
         ("train-run", "eval/step_000004"),
+        ("train-run", "eval/strips"),
         ("eval-run", "eval/step_000008"),
+        ("eval-run", "eval/strips"),
         ("train-run", "eval/step_000008"),
+        ("train-run", "eval/strips"),
     ]
+    strip = Image.open(run_dir / "eval" / "strips" / "prompt_0000.png")
+    assert strip.height == evaluate.STRIP_HEIGHT + 2 * 22 + 4  # title and label bands above the frames
+    assert strip.width == 2 * evaluate.STRIP_HEIGHT + 3 * 4  # two 64x64 samples at the strip's height
     names = ["eval/num_samples", "eval/sampling_seconds"]
     assert metrics == [
         ("eval-run", 4, names),
@@ -127,3 +137,39 @@ def test_evaluate_never_runs_the_config_saved_in_a_checkpoint(tmp_path: Path) ->
     (checkpoint / "config.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     assert cli_main(["evaluate", str(config), "--checkpoint", str(checkpoint)]) == 0
     assert not marker.exists()
+
+
+def test_a_strip_shows_each_checkpoint_s_frame_at_one_height_under_its_step():
+    red = np.full((32, 48, 3), (255, 0, 0), np.uint8)
+    blue = np.full((16, 16, 3), (0, 0, 255), np.uint8)
+    strip = np.asarray(evaluate.strip_image([red, blue], ["step 2", "step 4"], title="a red square"))
+    h = evaluate.STRIP_HEIGHT
+    top = 2 * 22  # the title line and the labels
+    assert strip.shape == (top + h + 4, 4 + h * 3 // 2 + 4 + h + 4, 3)
+    assert (strip[top : top + h, 4 : 4 + h * 3 // 2] == (255, 0, 0)).all()  # scaled to the strip's height
+    assert (strip[top : top + h, 8 + h * 3 // 2 : 8 + h * 5 // 2] == (0, 0, 255)).all()
+    assert (strip[:top] != 255).any(axis=-1).sum() > 50  # the title and labels are drawn
+
+
+def test_strips_take_the_middle_frame_of_the_prompt_s_sample_in_each_step_in_step_order(tmp_path: Path):
+    import torch
+
+    from opensora_core.sample.writer import save_sample
+
+    for step, level in ((10, 0.5), (2, -0.5)):  # written out of order
+        out = tmp_path / f"step_{step:06d}"
+        video = torch.full((3, 5, 32, 32), -1.0)
+        video[:, 2] = level  # only the middle frame is grey
+        save_sample(video, out / "sample_0001", fps=8)
+        (out / "prompts.json").write_text(json.dumps(["other", "the prompt"]))
+    (tmp_path / "step_000005").mkdir()  # an evaluation cut short: no prompts.json, left out
+
+    strips = evaluate.write_strips(tmp_path, ["the prompt", "never sampled"])
+    assert strips == [tmp_path / "strips" / "prompt_0000.png"]
+    pixels = np.asarray(Image.open(strips[0]))
+    middle = 2 * 22 + evaluate.STRIP_HEIGHT // 2
+    first, second = (
+        pixels[middle, 4 + evaluate.STRIP_HEIGHT // 2],
+        pixels[middle, 8 + evaluate.STRIP_HEIGHT * 3 // 2],
+    )
+    assert abs(int(first[0]) - 64) < 12 and abs(int(second[0]) - 191) < 12  # step 2 (darker), then step 10

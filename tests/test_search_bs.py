@@ -1,6 +1,7 @@
 """search-bs and plan on a tiny STDiT3: Open-Sora's bs.py as `_base_`, a few buckets, 1 + 1 steps per trial."""
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,26 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(searched, tmp_path, ca
     assert err.startswith("error: ") and "\n" not in err
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_search_bs_and_plan_end_with_a_summary_and_name_their_log_file(searched, tmp_path, capsys):
+    result = searched["result"]
+    argv = ["search-bs", str(searched["config"]), "--output", str(result.output), "--active-steps", "1"]
+    assert cli.main(argv) == 0  # every trial is in the results file already: nothing is measured again
+    out, err = capsys.readouterr()
+    assert "144p-17" in out and "search-bs" not in out  # the table on stdout, the bar beside the summary
+    assert f"searched {len(result.results)} buckets (" in err and f"fitted config: {result.output}" in err
+    assert "MLflow run: none" in err
+    [log] = [line.removeprefix("log: ") for line in err.splitlines() if line.startswith("log: ")]
+    assert Path(log).parent == searched["root"] / "outputs" / "logs" and Path(log).is_file()
+
+    meta = clip_table([(40, 144, 256)] * 4, root=str(tmp_path))
+    fitted = load_config(result.output, mode="train")
+    snapshot = write_snapshot(tmp_path / "s", meta, fitted.bucket_config.to_dict())
+    argv = ["plan", str(result.output), "--snapshot", str(snapshot), "--num-train-workers", "1"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "training plan" in out
+    assert f"planned 1 bucket(s) of {snapshot} in " in err
+    assert re.search(r": \d+ steps, \S+ GPU-hours \(step times: 1 from search-bs, 0 measured here\)", err)
+    assert any(line.startswith("log: ") and "/logs/plan-" in line for line in err.splitlines())

@@ -58,3 +58,65 @@ def test_records_logged_close_together_share_one_request_and_send_now_skips_the_
     assert requests == [1]
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     log.close(catch_up_s=10)
+
+
+def test_lineage_tags_name_each_input_under_one_prefix_and_leave_out_what_the_run_lacks():
+    from opensora_core import tracking
+
+    tags = tracking.lineage_tags(
+        config_hash="c0ffee", code_commit="abc123-dirty", bucket_snapshot="20260101T000000Z-1a2b",
+        metadata_fingerprint="f00d", bucket_config_hash="beef",
+    )  # fmt: skip
+    assert tags == {
+        "lineage.bucket_snapshot": "20260101T000000Z-1a2b",
+        "lineage.metadata_fingerprint": "f00d",
+        "lineage.bucket_config_hash": "beef",
+        "lineage.config_hash": "c0ffee",
+        "lineage.code_commit": "abc123-dirty",
+    }  # no feature snapshot: the run read raw video
+    synthetic = tracking.lineage_tags(config_hash="c0ffee", code_commit="abc123", feature_snapshot="feat-1")
+    assert synthetic == {
+        "lineage.feature_snapshot": "feat-1",
+        "lineage.config_hash": "c0ffee",
+        "lineage.code_commit": "abc123",
+    }
+
+
+def test_config_hash_is_stable_and_follows_every_character_of_the_resolved_config():
+    from opensora_core.tracking import config_hash
+
+    text = 'model = dict(type="STDiT3-XL/2", depth=2)\n'
+    assert config_hash(text) == config_hash(str(text))
+    assert config_hash(text) != config_hash(text.replace("depth=2", "depth=3"))
+    assert len(config_hash(text)) == 16 and int(config_hash(text), 16) >= 0
+
+
+def test_code_commit_names_this_checkout_s_head():
+    import subprocess
+    from pathlib import Path
+
+    from opensora_core.tracking import code_commit
+
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
+    assert code_commit().removesuffix("-dirty") == (head or "unknown")
+
+
+def test_a_model_version_points_at_shared_storage_itself_and_at_the_run_s_reference_for_a_local_path():
+    from opensora_core.tracking import checkpoint_reference, model_source, registered_model_name
+
+    assert model_source("s3://bucket/runs/000-STDiT3-XL-2/epoch1-global_step8", "r1") == (
+        "s3://bucket/runs/000-STDiT3-XL-2/epoch1-global_step8"
+    )
+    # MLflow's server refuses a local path (or file://) outside the run's artifacts as a version source
+    local = "/data/outputs/000-STDiT3-XL-2/epoch1-global_step8"
+    assert model_source(local, "r1") == "runs:/r1/checkpoints/epoch1-global_step8"
+    assert model_source("file://" + local, "r1") == "runs:/r1/checkpoints/epoch1-global_step8"
+    assert checkpoint_reference(local, 8, {"model.safetensors": 10, "config.py": 3}) == {
+        "uri": local,
+        "global_step": 8,
+        "files": {"config.py": 3, "model.safetensors": 10},
+    }
+    assert registered_model_name("configs/opensora-v1-2/train/demo.py", "STDiT3-XL/2") == "opensora-demo"
+    assert registered_model_name("<config>", "STDiT3-XL/2") == "opensora-STDiT3-XL-2"

@@ -69,7 +69,9 @@ def env(shared_ray, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("OPENSORA_CACHE", str(root / "cache"))
         mp.delenv("RAY_ADDRESS", raising=False)
-        experiment = mlflow.MlflowClient().create_experiment("train-tests")
+        experiment = mlflow.MlflowClient().create_experiment(
+            "train-tests", artifact_location=str(root / "artifacts")
+        )
         yield {
             "root": root,
             "experiment": experiment,
@@ -154,18 +156,23 @@ def test_checkpoint_weights_load_into_the_configured_model(env, two_workers):
         assert all(torch.equal(loaded[key], saved[key]) for key in saved), name
 
 
-def test_mlflow_run_has_step_metrics_bucket_and_checkpoint_tags(two_workers):
+def test_mlflow_run_has_step_metrics_bucket_loss_and_checkpoint_tags(two_workers):
     import mlflow
 
     result, run_id = two_workers
     data = mlflow.MlflowClient().get_run(run_id).data
-    assert {"loss", "lr", "grad_norm", "samples_per_s", "step_time", "bucket"} <= set(data.metrics)
+    metrics = {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time", "loss/32x32-2"}
+    assert metrics <= set(data.metrics) and "bucket" not in data.metrics
     lrs = [
         m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, "lr"), key=lambda m: m.step)
     ]
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])  # warmup_steps=2, then constant
-    assert data.tags["bucket.0"] == "2-32-32"
+    # one bucket: its series is the step loss
+    assert [
+        m.value for m in mlflow.MlflowClient().get_metric_history(run_id, "loss/32x32-2")
+    ] == pytest.approx(losses(run_id))
     assert data.tags["checkpoint.latest"] == result.checkpoint
+    assert {"lineage.config_hash", "lineage.code_commit"} <= set(data.tags)  # synthetic clips: no snapshot
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(two_workers, resumed):

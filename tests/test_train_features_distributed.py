@@ -35,7 +35,9 @@ def env(shared_ray, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("OPENSORA_CACHE", str(root / "cache"))
         mp.delenv("RAY_ADDRESS", raising=False)
-        experiment = mlflow.MlflowClient().create_experiment("train-features-tests")
+        experiment = mlflow.MlflowClient().create_experiment(
+            "train-features-tests", artifact_location=str(root / "artifacts")
+        )
         yield {"root": root, "experiment": experiment, "features": features}
 
 
@@ -103,7 +105,10 @@ def test_stage1_feat_trains_on_two_workers_without_encoders(two_workers, env):
     assert all(loss > 0 for loss in losses(run_id))
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
     assert tags["feature_snapshot"] == env["features"].manifest.feature_id
-    assert tags["bucket.0"] == "144p-2-0.56"
+    assert tags["lineage.feature_snapshot"] == env["features"].manifest.feature_id
+    assert tags["lineage.bucket_snapshot"] == env["features"].manifest.bucket_snapshot_id
+    metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
+    assert "loss/144p-2" in metrics and "bucket" not in metrics
 
 
 def test_resumed_from_features_repeats_the_uninterrupted_losses(env, two_workers):

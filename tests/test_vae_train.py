@@ -128,7 +128,10 @@ def env(shared_ray, media, scanned, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.delenv("RAY_ADDRESS", raising=False)
-        yield {"root": root, "experiment": mlflow.MlflowClient().create_experiment("vae-train-tests")}
+        experiment = mlflow.MlflowClient().create_experiment(
+            "vae-train-tests", artifact_location=str(root / "artifacts")
+        )
+        yield {"root": root, "experiment": experiment}
 
 
 def run(env, media, cfg, name):
@@ -175,6 +178,13 @@ def test_stage1_trains_and_its_checkpoint_is_a_v1_2_vae_for_diffusion(env, media
     for name in LOSS_PARTS | {"loss", "image_identity_loss"}:
         assert len(history(run_id, name)) == 2, name
     assert all(v > 0 for v in history(run_id, "z_nll_loss"))
+    # the fixed-size clips are one loss group; tokens are the latent positions the clips encode to
+    assert history(run_id, "loss/32x32-9") == pytest.approx(history(run_id, "loss"))
+    assert all(v > 0 for v in history(run_id, "tokens_per_s"))
+    import mlflow
+
+    (version,) = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    assert version.name == "opensora-stage1" and version.tags["checkpoint_uri"] == result.checkpoint
 
     diffusion = load_config(
         REPO / "configs/opensora-v1-2/train/stage1.py",

@@ -81,6 +81,24 @@ def clip_dataset(snapshot: Any, dataset_cfg: dict[str, Any], seed: int) -> Any:
     )
 
 
+def loss_groups(manifest: Any) -> dict[str, str]:
+    """Every bucket name the loader's `bucket_of` can give -> `<resolution>-<num_frames>`, the group whose
+    loss series MLflow plots (opensora_core.train.metrics); aspect ratios of one resolution and length
+    share a series. The sampler redraws the buckets each epoch (keep_prob, t_prob), so a batch can come
+    from a bucket of the config that the snapshot's own draw left empty, named by its shape (T-H-W).
+    The same manifest gives every rank the same groups in the same order."""
+    from opensora_core.data.aspect import RATIO_TABLES
+
+    groups = {b.key.id: f"{b.resolution}-{b.num_frames}" for b in manifest.buckets}
+    for rb in manifest.bucket_cfg().resolutions:
+        for entry in (*rb.videos, *([rb.image] if rb.image else [])):
+            for height, width in RATIO_TABLES[rb.resolution].values():
+                groups.setdefault(
+                    f"{entry.num_frames}-{height}-{width}", f"{rb.resolution}-{entry.num_frames}"
+                )
+    return groups
+
+
 class SnapshotBatches:
     """Batches of decoded clips from a bucket snapshot; DataLoader workers do the decoding.
 
@@ -128,6 +146,7 @@ class SnapshotBatches:
         )  # fmt: skip
         self.num_workers = num_workers
         self.bucket_names = [b.key.id for b in buckets]
+        self.loss_groups = loss_groups(snapshot.manifest)
         self._names = {f"{b.num_frames}-{b.height}-{b.width}": b.key.id for b in buckets}
         self.max_batch_size = max(b.batch_size for b in buckets)
 
@@ -216,6 +235,7 @@ class FeatureBatches(SnapshotBatches):
         )  # fmt: skip
         self.num_workers = num_workers
         self.bucket_names = [b.key.id for b in buckets]
+        self.loss_groups = loss_groups(snapshot.manifest)
         self._names = {f"{b.num_frames}-{b.height}-{b.width}": b.key.id for b in buckets}
         self.max_batch_size = max(b.batch_size for b in buckets)
 
@@ -274,6 +294,7 @@ class FixedClipBatches:
         self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
         self.epoch, self.start = 0, 0
         self.bucket_names = [f"{num_frames}-{h}-{w}"]
+        self.loss_groups = {self.bucket_names[0]: f"{h}x{w}-{num_frames}"}  # a fixed size: no resolution
 
     def __len__(self) -> int:
         return len(self.rows) // self.batch_size // self.world_size
@@ -316,6 +337,8 @@ class FixedClipBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.start = int(state["consumed_batches"]) // self.world_size
+
+
 def _without_held_out(rows: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     """`rows` that are also in `allowed` (all of them when `allowed` is None)."""
     return rows if allowed is None else np.intersect1d(rows, allowed)
@@ -347,6 +370,7 @@ class SyntheticClips:
         self.epoch, self.start = 0, 0
         self.max_batch_size = batch_size
         self.bucket_names = [f"{num_frames}-{height}-{width}"]
+        self.loss_groups = {self.bucket_names[0]: f"{height}x{width}-{num_frames}"}  # no resolution name
         self.skipped = 0  # random clips never fail to load
 
     def __len__(self) -> int:

@@ -30,10 +30,27 @@ def format_report(manifest: Manifest) -> str:
         f"frame_interval {manifest.frame_interval}  config {manifest.config_hash}",
         fmt.format(*header),
         *(fmt.format(*row) for row in lines),
-        f"{manifest.num_kept} of {manifest.num_samples} samples kept in {len(manifest.buckets)} buckets "
-        f"({manifest.num_sitting_out} sit out this epoch), {manifest.num_batches} full batches",
+        report_summary(manifest),
     ]
     return "\n".join(out)
+
+
+def report_rows(manifest: Manifest) -> list[dict[str, str | int]]:
+    """The report's table as one dict per bucket (the columns of `format_report`), for table views such
+    as a Prefect table artifact."""
+    return [
+        {"resolution": b.resolution, "frames": b.num_frames, "ratio": b.aspect_ratio,
+         "size": f"{b.height}x{b.width}", "samples": b.count, "batch": b.batch_size, "batches": b.num_batches}
+        for b in manifest.buckets
+    ]  # fmt: skip
+
+
+def report_summary(manifest: Manifest) -> str:
+    """The report's closing line: what was kept, in how many buckets and batches."""
+    return (
+        f"{manifest.num_kept} of {manifest.num_samples} samples kept in {len(manifest.buckets)} buckets "
+        f"({manifest.num_sitting_out} sit out this epoch), {manifest.num_batches} full batches"
+    )
 
 
 def bucket_count_grid(manifest: Manifest) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:

@@ -147,3 +147,17 @@ def worker_user_error(err: BaseException) -> BaseException | None:
             seen.add(id(current))
             current = getattr(current, "cause", None) or current.__cause__
     return None
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard of the cluster this process is connected to, for a person to open:
+    RAY_API_SERVER_ADDRESS when set (the address `ray job` uses, which infra/local exports), else the one
+    Ray reports (`ray.init().address_info["webui_url"]`); None when not connected and nothing is set."""
+    import ray
+
+    url = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not url and ray.is_initialized():
+        url = ray.init(ignore_reinit_error=True).address_info.get("webui_url")
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"

@@ -1,4 +1,9 @@
-"""Checkpoint evaluation: sample the config's fixed prompts from one checkpoint and record them."""
+"""Checkpoint evaluation: sample the config's fixed prompts from one checkpoint and record them.
+
+Besides each checkpoint's videos, every prompt gets one image strip: a frame of its sample from each
+checkpoint evaluated so far, labelled with the step, so a run's progress reads left to right at a glance.
+The strips are rebuilt from the samples on disk after each checkpoint and logged again over the last.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from opensora_core import tracking
 from opensora_core.config import ValidatedConfig
 from opensora_core.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +136,19 @@ def evaluate_checkpoint(
     result.sampling_seconds = time.perf_counter() - start
     (out_dir / "prompts.json").write_text(json.dumps(settings.prompts, indent=2))
     if mlflow_run_id:
-        log_eval_result(mlflow_run_id, result)
+        log_eval_result(mlflow_run_id, result, write_strips(output_dir, settings.prompts))
     log.info("evaluated %s: %d samples in %.1fs", checkpoint, len(result.samples), result.sampling_seconds)
     return result
 
 
-def log_eval_result(run_id: str, result: EvalResult) -> None:
-    """Samples under eval/step_{G} and the sampling time at step G, so runs line up by step in MLflow."""
+def log_eval_result(run_id: str, result: EvalResult, strips: Sequence[Path] = ()) -> None:
+    """Samples under eval/step_{G} and the sampling time at step G, so runs line up by step in MLflow;
+    the prompts' strips under eval/strips (replacing the previous checkpoint's)."""
     step = result.global_step
     for path in result.samples:
         tracking.log_artifact(run_id, path, artifact_path=f"eval/step_{step:06d}")
+    for path in strips:
+        tracking.log_artifact(run_id, path, artifact_path=STRIPS_DIR)
     tracking.log_metrics(
         run_id,
         {"eval/sampling_seconds": result.sampling_seconds, "eval/num_samples": len(result.samples)},
@@ -167,17 +181,103 @@ def evaluate_checkpoints(
     mlflow_run_ids: Sequence[str] = (),
     progress: bool = True,
 ) -> list[EvalResult]:
-    """Evaluate every checkpoint `find_checkpoints(path)` finds; each result goes to every given run.
-    `progress`: one bar over all the samples."""
+    """Evaluate every checkpoint `find_checkpoints(path)` finds; each result goes to every given run, with
+    the prompts' strips as they stand after it. `progress`: one bar over all the samples."""
     from opensora_core.console import counting
 
     results = []
     checkpoints = find_checkpoints(path)
-    total = len(checkpoints) * len(EvalSettings.from_config(config).prompts)
-    with counting("evaluate", total, unit="samples", enabled=progress) as advance:
+    prompts = EvalSettings.from_config(config).prompts
+    with counting("evaluate", len(checkpoints) * len(prompts), unit="samples", enabled=progress) as advance:
         for checkpoint in checkpoints:
             result = evaluate_checkpoint(config, checkpoint, output_dir, progress=False, on_sample=advance)
+            strips = write_strips(output_dir, prompts) if mlflow_run_ids else []
             for run_id in mlflow_run_ids:
-                log_eval_result(run_id, result)
+                log_eval_result(run_id, result, strips)
             results.append(result)
     return results
+
+
+# ---------------------------------------------------------------- one strip per prompt
+
+STRIPS_DIR = "eval/strips"  # in MLflow; on disk `<output_dir>/strips`
+STRIP_HEIGHT = 160  # px of each frame in a strip: small sizes are scaled up to be seen, large ones down
+_GAP, _LABEL = 4, 22  # px between frames, and of the label band above them
+
+
+def strip_image(frames: Sequence[np.ndarray], labels: Sequence[str], title: str = "") -> Image.Image:
+    """Frames ([H, W, 3] uint8, any sizes) side by side at STRIP_HEIGHT, each under its label, under a
+    title line; white background. Pure: no files."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not frames or len(frames) != len(labels):
+        raise ValueError(f"strip_image: {len(frames)} frames for {len(labels)} labels")
+    font = ImageFont.load_default(size=14)
+    tiles = []
+    for frame in frames:
+        height, width = frame.shape[:2]
+        size = (max(1, round(width * STRIP_HEIGHT / height)), STRIP_HEIGHT)
+        tiles.append(
+            Image.fromarray(np.ascontiguousarray(frame[..., :3])).resize(size, Image.Resampling.NEAREST)
+        )
+    top = _LABEL * (2 if title else 1)
+    width = sum(t.width for t in tiles) + _GAP * (len(tiles) + 1)
+    strip = Image.new("RGB", (width, top + STRIP_HEIGHT + _GAP), "white")
+    draw = ImageDraw.Draw(strip)
+    if title:
+        draw.text((_GAP, 3), title, fill="black", font=font)
+    x = _GAP
+    for tile, label in zip(tiles, labels, strict=True):
+        draw.text((x, top - _LABEL + 3), label, fill="black", font=font)
+        strip.paste(tile, (x, top))
+        x += tile.width + _GAP
+    return strip
+
+
+def sample_frame(path: str | Path) -> np.ndarray:
+    """The middle frame of a saved sample (an .mp4, or a .png for one frame) as [H, W, 3] uint8."""
+    import av
+
+    from opensora_core.data.video_io import is_image_path, read_image
+
+    if is_image_path(path):
+        return read_image(path)[0]
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise CheckpointError(f"{path}: a sample with no frames")
+    return frames[len(frames) // 2]
+
+
+def write_strips(output_dir: str | Path, prompts: Sequence[str]) -> list[Path]:
+    """`<output_dir>/strips/prompt_{i}.png` for each prompt: its sample's middle frame from every
+    `step_*` directory that sampled that prompt (by its `prompts.json`), in step order."""
+    output_dir = Path(output_dir)
+    steps = sorted(output_dir.glob("step_*"), key=lambda d: d.name)
+    written = []
+    for index, prompt in enumerate(prompts):
+        frames, labels = [], []
+        for step_dir in steps:
+            sample = _sample_of(step_dir, prompt)
+            if sample is not None:
+                frames.append(sample_frame(sample))
+                labels.append(f"step {int(step_dir.name.removeprefix('step_'))}")
+        if not frames:
+            continue
+        path = output_dir / "strips" / f"prompt_{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        strip_image(frames, labels, title=prompt if len(prompt) <= 100 else prompt[:97] + "...").save(path)
+        written.append(path)
+    return written
+
+
+def _sample_of(step_dir: Path, prompt: str) -> Path | None:
+    """The sample file of `prompt` in one step's directory, if that evaluation had the prompt."""
+    prompts_file = step_dir / "prompts.json"
+    if not prompts_file.is_file():
+        return None
+    prompts = json.loads(prompts_file.read_text())
+    if prompt not in prompts:
+        return None
+    found = sorted(step_dir.glob(f"sample_{prompts.index(prompt):04d}.*"))
+    return found[0] if found else None

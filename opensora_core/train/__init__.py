@@ -55,6 +55,7 @@ def train(
     A fixed-size dataset (VideoTextDataset: the VAE configs) reads `clips`, a metadata table or a
     bucket snapshot, at the dataset's num_frames and image_size.
     """
+    from opensora_core import tracking
     from opensora_core.features.lineage import feature_input
     from opensora_core.parallel.launch import cluster_has_gpus, connect_ray, run_training
     from opensora_core.train.checkpoint import read_running_states
@@ -92,6 +93,10 @@ def train(
         features=stored,
         clips_table=clips,
     )
+    tracked = bool(mlflow_run_id) and tracking.tracking_enabled()
+    lineage = training_lineage(cfg, snapshot_dir, stored)
+    if tracked:  # before any worker starts: a run that fails still says what it trained on
+        tracking.set_tags(mlflow_run_id, lineage)
     connect_ray(ray_address)
     if use_gpu is None:
         use_gpu = cluster_has_gpus(num_workers)
@@ -117,6 +122,8 @@ def train(
         global_step = read_running_states(checkpoint).global_step
         if shared:
             checkpoint = storage.join(exp_dir, Path(checkpoint).name)
+    if tracked and checkpoint is not None:
+        _register(cfg, mlflow_run_id, checkpoint, global_step, lineage)
     loss = metrics.get("loss")
     return TrainResult(
         checkpoint=checkpoint,
@@ -134,6 +141,51 @@ def _progress(cfg: Any, enabled: bool) -> contextlib.AbstractContextManager[Any]
     if not enabled:
         return contextlib.nullcontext(None)
     return training_progress(max_steps=cfg.training.max_steps, epochs=cfg.training.epochs)
+
+
+def training_lineage(cfg: Any, snapshot_dir: str | None, features: Any) -> dict[str, str]:
+    """The `lineage.*` tags of a run (opensora_core.tracking.lineage_tags): the bucket snapshot's id, the
+    metadata fingerprint and bucket-config hash from its manifest, the feature snapshot's id, the hash of
+    the config as resolved, and the code's commit."""
+    from opensora_core import tracking
+    from opensora_core.data.snapshot import open_snapshot
+
+    manifest = open_snapshot(snapshot_dir).manifest if snapshot_dir else None
+    return tracking.lineage_tags(
+        config_hash=tracking.config_hash(cfg.raw.pretty_text),
+        code_commit=tracking.code_commit(),
+        bucket_snapshot=manifest.snapshot_id if manifest else None,
+        metadata_fingerprint=manifest.metadata_fingerprint if manifest else None,
+        bucket_config_hash=manifest.config_hash if manifest else None,
+        feature_snapshot=features.feature_id if features else None,
+    )
+
+
+def checkpoint_files(checkpoint: str) -> dict[str, int]:
+    """Each file of a checkpoint (a local path or a URI) relative to it, with its size in bytes."""
+    import pyarrow.fs as pafs
+
+    where = storage.location(checkpoint)
+    infos = where.filesystem.get_file_info(pafs.FileSelector(where.path, recursive=True))
+    root = where.path.rstrip("/") + "/"
+    return {i.path.removeprefix(root): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _register(cfg: Any, run_id: str, checkpoint: str, global_step: int, lineage: dict[str, str]) -> None:
+    """The final checkpoint as a model version of the config's registered model. Training is done by
+    now, so a tracking server that fails here is reported, not raised."""
+    from opensora_core import tracking
+    from opensora_core.errors import first_line
+
+    try:
+        name, version = tracking.register_checkpoint(
+            run_id, checkpoint, global_step=global_step, files=checkpoint_files(checkpoint),
+            model_name=tracking.registered_model_name(cfg.path, cfg.model.type), tags=lineage,
+        )  # fmt: skip
+    except Exception as err:
+        log.warning("MLflow: checkpoint %s was not registered: %s", checkpoint, first_line(err, limit=300))
+        return
+    log.info("registered %s as model %s version %s", checkpoint, name, version)
 
 
 def check_load(config: Any) -> None:

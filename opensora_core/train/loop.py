@@ -78,11 +78,11 @@ def train_loop_per_worker(job: TrainJob) -> None:
         # step. These first ones are sent now, which also opens the tracking store before step 1.
         run_log = tracking.TrainingLog(job.mlflow_run_id, tags=_run_tags(job, w))
     progress = job.progress if rank == 0 else None  # the driver's bar; a call rank 0 does not wait for
+    system_metrics = _system_metrics(job, w.world_size)
 
     # ---- train
     # losses stay on the device between logged steps: no host sync, no collective on the other steps
-    step_metrics = StepMetrics(w.device, loader.bucket_names, world_size=w.world_size, sp_size=s.sp_size)
-    logged_buckets: set[str] = set()
+    step_metrics = StepMetrics(w.device, loader.loss_groups, world_size=w.world_size, sp_size=s.sp_size)
     start_step, global_step = w.start.step, w.start.global_step
     done = s.max_steps is not None and global_step >= s.max_steps
     for epoch in range(w.start.epoch, s.epochs):
@@ -98,7 +98,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
             lr = w.optimizer.param_groups[0]["lr"]  # the rate this step applies
             step_loss = torch.zeros((), dtype=torch.float64, device=w.device)
             step_parts: dict[str, torch.Tensor] = {}  # the loss's named parts (a VAE's)
-            step_samples = 0
+            step_samples = step_tokens = 0
             for micro in range(grad_accum):
                 batch, weight = next(batches), 1.0
                 if batch is None:  # every sample failed to load: repeat the last batch with no effect,
@@ -122,7 +122,9 @@ def train_loop_per_worker(job: TrainJob) -> None:
                 step_loss += result.loss.double() * (weight / grad_accum)
                 for name, part in result.parts.items():
                     step_parts[name] = step_parts.get(name, 0.0) + part.double() * (weight / grad_accum)
+                step_metrics.add_micro_batch(loader.bucket_of(batch), result.loss, weight)
                 step_samples += result.samples
+                step_tokens += result.tokens
             if w.ema is not None:
                 update_ema(w.ema, engine.module, decay=s.ema_decay)
             global_step += 1
@@ -138,14 +140,16 @@ def train_loop_per_worker(job: TrainJob) -> None:
             save_now = bool(s.ckpt_every and global_step % s.ckpt_every == 0) or at_end
 
             metrics: dict[str, float] = {}
-            if log_now or save_now:  # the step's only collective: losses, samples, skipped files
-                totals = step_metrics.all_reduce(step_loss, step_samples, loader.skipped, step_parts)
+            if log_now or save_now:  # the step's only collective: losses, samples, tokens, skipped files
+                totals = step_metrics.all_reduce(
+                    step_loss, step_samples, step_tokens, loader.skipped, step_parts
+                )
                 step_time = time.perf_counter() - step_start
             if log_now:
                 bucket = loader.bucket_of(batch)
                 metrics = step_metrics.logged(
                     totals, lr=lr, grad_norm=engine.get_global_grad_norm(), step_time=step_time,
-                    bucket=bucket, epoch=epoch, global_step=global_step,
+                    epoch=epoch, global_step=global_step,
                 )  # fmt: skip
                 if rank == 0:
                     log.info(
@@ -157,9 +161,6 @@ def train_loop_per_worker(job: TrainJob) -> None:
                         progress.update.remote(loss=totals.loss, samples_per_s=metrics["samples_per_s"])
                     if run_log:
                         run_log.log_metrics(metrics, step=global_step)
-                        if bucket not in logged_buckets:
-                            run_log.set_tags({f"bucket.{int(metrics['bucket'])}": bucket})
-                            logged_buckets.add(bucket)
 
             if save_now:
                 if run_log:
@@ -178,6 +179,8 @@ def train_loop_per_worker(job: TrainJob) -> None:
             if done:
                 break
         start_step = 0
+    if system_metrics:
+        tracking.stop_system_metrics(system_metrics)
     if run_log:
         run_log.close()  # queued records reach MLflow (or are reported lost) before the run is reported done
 
@@ -407,6 +410,22 @@ def _run_tags(job: TrainJob, w: Worker) -> dict[str, str]:
     if job.features is not None:
         tags["feature_snapshot"] = job.features.feature_id
     return tags
+
+
+def _system_metrics(job: TrainJob, world_size: int) -> Any:
+    """MLflow's system-metrics monitor on the first rank of each machine (CPU, memory, GPUs of that
+    machine), named by node when the run spans several; None without a tracking server."""
+    import ray.train
+
+    from opensora_core import tracking
+
+    context = ray.train.get_context()
+    if not (job.mlflow_run_id and os.environ.get("MLFLOW_TRACKING_URI")) or context.get_local_rank() != 0:
+        return None
+    several = world_size > context.get_local_world_size()
+    return tracking.start_system_metrics(
+        job.mlflow_run_id, node_id=f"node{context.get_node_rank()}" if several else None
+    )
 
 
 def _report(metrics: dict[str, float], checkpoint_dir: Path, rank: int) -> None:

@@ -190,6 +190,18 @@ def plan_table(plan: TrainingPlan) -> Any:
     return table
 
 
+def plan_rows(plan: TrainingPlan) -> list[dict[str, str | int | float]]:
+    """The plan's table (the columns of `plan_table`) as one dict per bucket, for table views such as a
+    Prefect table artifact."""
+    return [
+        {"bucket": c.bucket.key.id, "size": f"{c.bucket.num_frames}x{c.bucket.height}x{c.bucket.width}",
+         "samples": c.bucket.count, "batch size": c.bucket.batch_size,
+         "batches/rank": round(c.batches_per_rank, 2), "tokens/sample": c.tokens,
+         "step s": round(c.step_s, 3), "from": c.source}
+        for c in plan.buckets
+    ]  # fmt: skip
+
+
 def format_plan(plan: TrainingPlan, width: int = 140) -> str:
     """The plan table as plain text (for logs and the MLflow artifact)."""
     from opensora_core.train.search_bs import render_text

@@ -354,6 +354,7 @@ class SearchResult:
     reference_step_s: float
     device: str
     wall_s: float
+    mlflow_run_id: str | None = None  # the `search-bs` run, when MLflow is configured
 
 
 def search_batch_sizes(
@@ -418,8 +419,7 @@ def search_batch_sizes(
     result = SearchResult(
         output, trial_log.path, results, ref, trials.device_name, time.perf_counter() - start
     )
-    _log_to_mlflow(result)
-    return result
+    return dataclasses.replace(result, mlflow_run_id=_log_to_mlflow(result))
 
 
 class _Bar:
@@ -445,19 +445,21 @@ def _progress(enabled: bool, total: int) -> Iterator[_Bar]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from opensora_core.console import progress_console
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as progress:
+    with Progress(*columns, console=progress_console()) as progress:  # on stderr: stdout has the table
         yield _Bar(progress, progress.add_task("search-bs", total=total))
 
 
-def _log_to_mlflow(result: SearchResult) -> None:
-    """The table, the plot, the fitted config and per-bucket metrics to a `search-bs` run."""
+def _log_to_mlflow(result: SearchResult) -> str | None:
+    """The table, the plot, the fitted config and per-bucket metrics to a `search-bs` run; its id."""
     import tempfile
 
     from opensora_core import tracking
 
     if not tracking.tracking_enabled():
-        return
+        return None
     with tracking.stage_run("search-bs", parent_run_id=None) as run_id:
         metrics = {"search_bs/reference_step_s": result.reference_step_s, "search_bs/wall_s": result.wall_s}
         for r in result.results:
@@ -472,6 +474,7 @@ def _log_to_mlflow(result: SearchResult) -> None:
             plot = write_search_plot(result.results, result.reference_step_s, Path(tmp) / "search_bs.png")
             for path in (table, plot, result.output, result.results_file):
                 tracking.log_artifact(run_id, path, artifact_path="search_bs")
+    return run_id
 
 
 def render_text(table: Any, width: int = 140) -> str:

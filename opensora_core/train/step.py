@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -116,6 +116,21 @@ def diffusion_loss(
     return scheduler.training_losses(model, latents, model_args, mask=mask)["loss"].mean()
 
 
+class MicroBatchLoss(NamedTuple):
+    """What one micro-batch's forward gives the step: the loss to back-propagate and what it counted."""
+
+    loss: torch.Tensor  # a device scalar: the caller does the backward
+    samples: int
+    tokens: int  # latent tokens the model saw: samples x `latent_tokens` of the batch's latent size
+
+
+def latent_tokens(model: Any, latent_size: Any) -> int:
+    """Tokens per sample of a latent of `latent_size` (T', H', W') after the model's patch embedding."""
+    t, h, w = latent_size
+    pt, ph, pw = getattr(getattr(model, "module", model), "patch_size", (1, 1, 1))
+    return -(-t // pt) * -(-h // ph) * -(-w // pw)
+
+
 def micro_batch_loss(
     model: Any,
     scheduler: Any,
@@ -128,8 +143,8 @@ def micro_batch_loss(
     dtype: torch.dtype,
     mask_generator: MaskGenerator | None = None,
     empty_caption: EmptyCaptionDropout | None = None,
-) -> tuple[torch.Tensor, int]:
-    """(loss, samples) of one micro-batch whose seed is `seed` (see `micro_batch_seed`): encoders and
+) -> MicroBatchLoss:
+    """(loss, samples, tokens) of one micro-batch whose seed is `seed` (see `micro_batch_seed`): encoders and
     masks draw from it, the loss from `loss_seed(seed)` (the module docstring says why)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -138,7 +153,9 @@ def micro_batch_loss(
         empty_caption=empty_caption,
     )  # fmt: skip
     torch.manual_seed(loss_seed(seed))
-    return diffusion_loss(model, scheduler, latents, model_args, mask), latents.shape[0]
+    loss = diffusion_loss(model, scheduler, latents, model_args, mask)
+    samples = latents.shape[0]
+    return MicroBatchLoss(loss, samples, samples * latent_tokens(model, latents.shape[2:]))
 
 
 def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -150,10 +167,12 @@ def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One micro-batch trained: its loss (detached), samples, and the named parts of the loss to log."""
+    """One micro-batch trained: its loss (detached), samples, tokens (for tokens/s), and the named parts
+    of the loss to log."""
 
     loss: torch.Tensor
     samples: int
+    tokens: int
     parts: dict[str, torch.Tensor]
 
 
@@ -177,11 +196,11 @@ class DiffusionStep:
     write_model_files: Any = None  # files a checkpoint adds beside the weights (none)
 
     def __call__(self, batch: dict[str, Any], *, seed: int, weight: float, global_step: int) -> StepResult:
-        loss, samples = micro_batch_loss(
+        micro = micro_batch_loss(
             self.engine, self.scheduler, batch, seed=seed, vae=self.vae, text_encoder=self.text_encoder,
             device=self.device, dtype=self.dtype, mask_generator=self.mask_generator,
             empty_caption=self.empty_caption,
         )  # fmt: skip
-        self.engine.backward(loss * weight)
+        self.engine.backward(micro.loss * weight)
         self.engine.step()  # DeepSpeed steps the optimizer and LR only at the accumulation boundary
-        return StepResult(loss.detach(), samples, {})
+        return StepResult(micro.loss.detach(), micro.samples, micro.tokens, {})

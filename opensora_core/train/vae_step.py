@@ -121,7 +121,9 @@ class VaeStep:
         if self.discriminator is not None:
             self.discriminator.module.requires_grad_(True)
             parts["disc_loss"] = self._discriminator_step(x, x_rec, weight=weight, global_step=global_step)
-        return StepResult(loss.detach(), x.shape[0], parts)
+        # tokens as the diffusion step counts them: latent positions (T' x H' x W') the clips encode to
+        tokens = x.shape[0] * z.shape[2:].numel()
+        return StepResult(loss.detach(), x.shape[0], tokens, parts)
 
     def _discriminator_step(self, x: Tensor, x_rec: Tensor, *, weight: float, global_step: int) -> Tensor:
         s = self.settings
