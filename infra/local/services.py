@@ -614,7 +614,12 @@ def _check_ports_free(settings: Settings, name: str) -> None:
 
 
 def _ensure_work_pool(settings: Settings) -> None:
-    code, _ = _http_get(f"{settings.prefect_api_url}/work_pools/{settings.pool}")
+    # One request, not a health poll: a server that just became healthy can be slow to answer on a
+    # loaded machine, so it gets the same patience as the CLI call below rather than the poll's 3 s.
+    try:
+        code, _ = _http_get(f"{settings.prefect_api_url}/work_pools/{settings.pool}", timeout_s=60.0)
+    except OSError as error:
+        raise ServiceError(f"prefect-server: GET work pool {settings.pool!r} failed: {error}") from error
     if code == 200:
         return
     if code != 404:
