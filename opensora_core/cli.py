@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output", help="fitted config to write (default: {outputs}/search_bs/NAME.py)")
     search.add_argument("--memory-budget", type=float, metavar="GIB", help="peak memory a batch size may use")
     search.add_argument("--warmup-steps", type=int, default=1, help="untimed steps per trial")
-    search.add_argument("--active-steps", type=int, default=2, help="timed steps per trial")
+    search.add_argument("--active-steps", type=int, default=3, help="timed steps per trial (their median)")
     search.add_argument("--batch-size-start", type=int, default=2, help="v1.1 form (keep_prob, bs): lowest")
     search.add_argument("--batch-size-end", type=int, default=256, help="v1.1 form: highest + 1")
     search.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")

@@ -100,13 +100,13 @@ def make_plan(
     num_workers: int | None = None,
     step_times: str | Path | None = None,
     warmup_steps: int = 1,
-    active_steps: int = 2,
+    active_steps: int = 3,
 ) -> TrainingPlan:
     """The plan of validated training config `cfg` on `snapshot_dir` with `num_workers` workers (default:
     num_train_workers). `step_times`: a search-bs results file (default: the one beside the config, if any)."""
     from opensora_core.data.snapshot import open_snapshot
     from opensora_core.train.job import train_job
-    from opensora_core.train.search_bs import load_trials, results_path_of
+    from opensora_core.train.search_bs import load_trials, pooled_step_times, results_path_of
 
     s = cfg.training
     num_workers = num_workers or s.num_train_workers
@@ -115,7 +115,7 @@ def make_plan(
     searched = {}
     path = Path(step_times) if step_times else results_path_of(cfg.path)
     if path.is_file():
-        searched = {(t.num_frames, t.height, t.width, t.batch_size): t for t in load_trials(path) if t.fits}
+        searched = pooled_step_times(load_trials(path))
         log.info("step times from %s (%d trials)", path, len(searched))
     costs, trials = [], None
     try:

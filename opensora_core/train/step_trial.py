@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import statistics
 import tempfile
 import threading
 import time
@@ -43,10 +44,15 @@ class Trial:
     width: int
     batch_size: int
     fits: bool
-    step_s: float | None  # mean over the timed steps; None when it did not fit
+    step_s: float | None  # median of `step_times`; None when it did not fit
     peak_gib: float  # peak memory seen (at the failure, for one that did not fit)
     tokens: int  # latent tokens per sample (T' x H'/p x W'/p)
     error: str = ""
+    step_times: tuple[float, ...] = ()  # each timed step, in order
+    repeat: int = 0  # 0: the search's trial; 1: its re-measure (search_bs.fit_bucket)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step_times", tuple(self.step_times))  # a list when read back from JSON
 
     @property
     def tokens_per_s(self) -> float:
@@ -58,7 +64,7 @@ class StepTrials:
 
     def __init__(
         self, job: TrainJob, *, memory_budget_gib: float | None = None, warmup_steps: int = 1,
-        active_steps: int = 2,
+        active_steps: int = 3,
     ) -> None:  # fmt: skip
         self.job = job
         self.memory_budget_gib = memory_budget_gib
@@ -76,36 +82,39 @@ class StepTrials:
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.on_gpu else f"cpu ({os.cpu_count()} cores)"
 
-    def measure(self, num_frames: int, height: int, width: int, batch_size: int) -> Trial:
-        """warmup + active steps at this shape; the mean time of the active ones and the peak memory."""
+    def measure(self, num_frames: int, height: int, width: int, batch_size: int, repeat: int = 0) -> Trial:
+        """warmup + active steps at this shape; the median time of the active ones and the peak memory.
+
+        Each active step is timed on its own and the median taken: on a shared machine one step that
+        another process slowed would otherwise move the mean, and with it the search's choice."""
         parts = self._parts = self._parts or _build_parts(self.job, self.device)
         threads = torch.get_num_threads()
         if not self.on_gpu:
             torch.set_num_threads(1)
         peak = _PeakMemory(self.device)
-        tokens, error, step_s = 0, "", None
+        tokens, error, times = 0, "", []
         try:
             with peak:
                 batch = _synthetic_batch(batch_size, num_frames, height, width, self.job.settings.seed)
                 for i in range(self.warmup_steps + self.active_steps):
-                    if i == self.warmup_steps:
-                        _sync(self.device)
-                        start = time.perf_counter()
+                    _sync(self.device)
+                    start = time.perf_counter()
                     tokens = parts.step(batch, seed=i)
+                    _sync(self.device)
+                    if i >= self.warmup_steps:
+                        times.append(time.perf_counter() - start)
                     if self._over_budget(peak.gib()):
                         error = f"peak {peak.gib():.2f} GiB over the budget of {self.memory_budget_gib} GiB"
                         break
-                else:
-                    _sync(self.device)
-                    step_s = (time.perf_counter() - start) / self.active_steps
         except torch.cuda.OutOfMemoryError as err:
             error = f"CUDA out of memory: {str(err).splitlines()[0]}"
             self._drop_parts()  # the optimizer may hold half a step's gradients: rebuilt for the next trial
         finally:
             torch.set_num_threads(threads)
         return Trial(
-            num_frames, height, width, batch_size, fits=not error, step_s=None if error else step_s,
-            peak_gib=round(peak.gib(), 4), tokens=tokens, error=error,
+            num_frames, height, width, batch_size, fits=not error,
+            step_s=None if error else statistics.median(times), peak_gib=round(peak.gib(), 4), tokens=tokens,
+            error=error, step_times=() if error else tuple(round(t, 6) for t in times), repeat=repeat,
         )  # fmt: skip
 
     def tokens(self, num_frames: int, height: int, width: int) -> int:
