@@ -203,3 +203,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(searched, tmp_path, ca
     assert err.startswith("error: ") and "\n" not in err
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_with_sequence_parallelism_the_trials_run_on_an_sp_group_of_ray_train_workers(
+    searched, shared_ray, tmp_path
+):
+    shared_ray.ensure(trains=True)
+    buckets = '{"_delete_": True, "144p": {17: (1, 0), 1: (2, 1)}}'
+    sp = "plugin = 'zero2-seq'\nsp_size = 2\nnum_train_workers = 2\n"
+    config = tiny_config(tmp_path, searched["pretrained"], base='("144p", 17)', buckets=buckets, extra=sp)
+    result = search_batch_sizes(config, output=tmp_path / "fitted.py", warmup_steps=1, active_steps=1)
+    trials = load_trials(result.results_file)
+    assert trials and all((t.world_size, t.sp_size) == (2, 2) and t.fits for t in trials)
+    assert result.device.startswith("2 Ray Train worker(s)")
+    # the driver replayed the workers' search from the results file
+    assert sum(len(r.trials) for r in result.results) == len(trials)
+    fitted = load_config(result.output, mode="train")
+    assert fitted.training.sp_size == 2 and fitted.bucket_config.batch_sizes()[("144p", 17)] == 1

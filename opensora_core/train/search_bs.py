@@ -440,12 +440,18 @@ def search_batch_sizes(
     batch_size_start: int = 2,
     batch_size_end: int = 256,
     progress: bool = True,
+    num_workers: int | None = None,
+    ray_address: str | None = None,
 ) -> SearchResult:
-    """Search, write the fitted config and its results file, log to MLflow when it is configured."""
+    """Search, write the fitted config and its results file, log to MLflow when it is configured.
+
+    The trials run in this process, or with `num_workers` or `ray_address` given, or a config with
+    sp_size > 1, on a Ray Train worker group shaped as training's (`train.trial_workers`): `num_workers`
+    workers (default: the config's num_train_workers)."""
     import time
 
     from opensora_core.train.job import train_job
-    from opensora_core.train.step_trial import StepTrials
+    from opensora_core.train.trial_workers import TrialSettings
 
     start = time.perf_counter()
     cfg, raw = search_config(config, cfg_options)
@@ -456,43 +462,100 @@ def search_batch_sizes(
     base_step_time = raw.get("base_step_time")
     output = Path(output) if output else Path(cfg.training.outputs) / "search_bs" / f"{Path(config).stem}.py"
     job = train_job(cfg, snapshot_dir=None, output_dir=str(output.parent))
-    trials = StepTrials(
-        job, memory_budget_gib=memory_budget_gib, warmup_steps=warmup_steps, active_steps=active_steps
-    )
+    how = TrialSettings(memory_budget_gib, warmup_steps, active_steps)
+    sp_size = job.settings.sp_size
+    on_workers = num_workers is not None or ray_address is not None or sp_size > 1
+    if on_workers:
+        from opensora_core.parallel.layout import check_sp_size
+        from opensora_core.train.trial_workers import worker_device
+
+        num_workers = num_workers or job.settings.num_train_workers
+        check_sp_size(sp_size, num_workers)
+        device, use_gpu = worker_device(num_workers, ray_address)
+    else:
+        from opensora_core.train.step_trial import StepTrials
+
+        trials = StepTrials(
+            job, memory_budget_gib=memory_budget_gib, warmup_steps=warmup_steps, active_steps=active_steps
+        )
+        device = trials.device_name
     settings = {
         "model": job.model, "vae": job.vae, "text_encoder": job.text_encoder, "scheduler": job.scheduler,
         "mask_ratios": job.mask_ratios, "dtype": job.settings.dtype, "plugin": job.settings.plugin,
         "grad_checkpoint": job.settings.grad_checkpoint, "warmup_steps": warmup_steps,
-        "active_steps": active_steps, "memory_budget_gib": memory_budget_gib, "device": trials.device_name,
+        "active_steps": active_steps, "memory_budget_gib": memory_budget_gib, "device": device,
+        "num_workers": num_workers or 1, "sp_size": sp_size,
     }  # fmt: skip
-    trial_log = TrialLog(results_path_of(output), settings)
-    try:
-        with _progress(progress, sum(1 for b in buckets if len(b.candidates) > 1)) as bar:
-
-            def measure(bucket: SearchBucket, batch_size: int, repeat: int) -> Trial:
-                done = trial_log.get(bucket.shape, batch_size, repeat)
-                if done is not None:
-                    return done
-                bar.describe(f"{bucket.name} batch size {batch_size}" + (" (again)" if repeat else ""))
-                trial = trials.measure(*bucket.shape, batch_size, repeat)
-                trial_log.add(trial)
-                return trial
-
-            def fit(bucket: SearchBucket, ref: float | None) -> Fitted:
-                fitted = fit_bucket(bucket, measure, ref)
-                bar.advance()
-                return fitted
-
-            results, ref = run_search(buckets, base, base_step_time, fit)
-    finally:
-        trials.close()
+    trial_log = TrialLog(results_path_of(output).resolve(), settings)
+    if on_workers:
+        results, ref = _search_on_workers(
+            job, buckets, base, base_step_time, trial_log, settings, how, num_workers=num_workers,
+            use_gpu=use_gpu, ray_address=ray_address, storage_dir=output.parent,
+        )  # fmt: skip
+    else:
+        try:
+            results, ref = _search_here(buckets, base, base_step_time, trial_log, trials, progress)
+        finally:
+            trials.close()
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(fitted_config_text(config, output, results, ref, trials.device_name))
-    result = SearchResult(
-        output, trial_log.path, results, ref, trials.device_name, time.perf_counter() - start
-    )
+    output.write_text(fitted_config_text(config, output, results, ref, device))
+    result = SearchResult(output, trial_log.path, results, ref, device, time.perf_counter() - start)
     _log_to_mlflow(result)
     return result
+
+
+def _search_here(
+    buckets: Sequence[SearchBucket], base: SearchBucket | None, base_step_time: float | None,
+    trial_log: TrialLog, trials: Any, progress: bool,
+) -> tuple[list[Fitted], float]:  # fmt: skip
+    """The search in this process, with a progress bar naming the trial being measured."""
+    with _progress(progress, sum(1 for b in buckets if len(b.candidates) > 1)) as bar:
+
+        def measure(bucket: SearchBucket, batch_size: int, repeat: int) -> Trial:
+            done = trial_log.get(bucket.shape, batch_size, repeat)
+            if done is not None:
+                return done
+            bar.describe(f"{bucket.name} batch size {batch_size}" + (" (again)" if repeat else ""))
+            trial = trials.measure(*bucket.shape, batch_size, repeat)
+            trial_log.add(trial)
+            return trial
+
+        def fit(bucket: SearchBucket, ref: float | None) -> Fitted:
+            fitted = fit_bucket(bucket, measure, ref)
+            bar.advance()
+            return fitted
+
+        return run_search(buckets, base, base_step_time, fit)
+
+
+def _search_on_workers(
+    job: Any, buckets: Sequence[SearchBucket], base: SearchBucket | None, base_step_time: float | None,
+    trial_log: TrialLog, settings: Mapping[str, Any], how: Any, *, num_workers: int, use_gpu: bool,
+    ray_address: str | None, storage_dir: Path,
+) -> tuple[list[Fitted], float]:  # fmt: skip
+    """The search on the worker group (which writes every trial to the results file), then replayed here
+    from that file: the same trials give the same decisions."""
+    from opensora_core.train.trial_workers import SearchJob, run_on_workers, search_per_worker
+
+    search_job = SearchJob(
+        job, tuple(buckets), base, base_step_time, str(trial_log.path), dict(settings),
+        tuple(trial_log.trials.values()), how,
+    )  # fmt: skip
+    run_on_workers(
+        search_per_worker, search_job, num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address,
+        storage_dir=storage_dir, run_name="search_bs",
+    )  # fmt: skip
+    measured = TrialLog(trial_log.path, settings)
+
+    def replay(bucket: SearchBucket, batch_size: int, repeat: int) -> Trial:
+        trial = measured.get(bucket.shape, batch_size, repeat)
+        if trial is None:
+            raise RuntimeError(
+                f"{trial_log.path}: the workers did not record {bucket.name} batch size {batch_size}"
+            )
+        return trial
+
+    return run_search(buckets, base, base_step_time, lambda b, ref: fit_bucket(b, replay, ref))
 
 
 class _Bar:
