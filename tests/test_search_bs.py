@@ -220,3 +220,18 @@ def test_with_sequence_parallelism_the_trials_run_on_an_sp_group_of_ray_train_wo
     assert sum(len(r.trials) for r in result.results) == len(trials)
     fitted = load_config(result.output, mode="train")
     assert fitted.training.sp_size == 2 and fitted.bucket_config.batch_sizes()[("144p", 17)] == 1
+
+
+def test_plan_measures_what_the_search_did_not_on_ray_train_workers(searched, shared_ray, tmp_path):
+    shared_ray.ensure(trains=True)
+    result = searched["result"]
+    # 144p-17 at batch size 3 was searched; 240p-17 at batch size 1 (variance 0) was not: measured now
+    meta = clip_table([(40, 144, 256)] * 3 + [(40, 240, 426)], root=str(tmp_path))
+    fitted = load_config(result.output, mode="train")
+    snapshot = write_snapshot(tmp_path / "s", meta, fitted.bucket_config.to_dict())
+    plan = make_plan(fitted, snapshot_dir=snapshot, num_workers=2, on_workers=True)
+    sources = {c.bucket.key.id.split("|")[0]: c.source for c in plan.buckets}
+    assert sorted(sources.values()) == ["measured", "search-bs"]
+    measured = next(c for c in plan.buckets if c.source == "measured")
+    assert measured.bucket.height == 240 and measured.step_s > 0 and measured.tokens > 0
+    assert plan.device == "2 Ray Train worker(s), one CPU each"

@@ -274,8 +274,8 @@ def _settle(
     bucket: SearchBucket, measure: Measure, ref: float | None, index: int, trials: list[Trial]
 ) -> Trial:
     """The pooled trial of the batch size that a second measurement confirms (appending what it measures
-    to `trials`). Without a reference: the chosen one timed again (the base's step time becomes the median
-    of both). With one: the chosen and the next larger candidate timed again; one step up while the next is
+    to `trials`). Without a reference: the chosen one timed again (the base's step time becomes the faster
+    of both, `pooled`). With one: the chosen and the next larger candidate timed again; one step up while the next is
     below the reference, one step down while the chosen is not, at most two moves (a search whose first
     measurement was right costs two extra trials)."""
     cands = bucket.candidates
