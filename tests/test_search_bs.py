@@ -85,6 +85,8 @@ def test_trials_go_to_the_results_file_beside_the_output(searched):
     trials = load_trials(result.results_file)
     assert len(trials) == sum(len(r.trials) for r in result.results)
     assert all(t.fits and t.step_s > 0 and t.peak_gib > 0 and t.tokens > 0 for t in trials)
+    # one CPU rank: the search times its steps by CPU time, and keeps their wall time beside it
+    assert all(t.clock == "cpu" and t.wall_s > 0 and len(t.step_times) == 1 for t in trials)
 
 
 def test_a_search_started_again_measures_nothing_again(searched, monkeypatch):
@@ -214,7 +216,7 @@ def test_with_sequence_parallelism_the_trials_run_on_an_sp_group_of_ray_train_wo
     config = tiny_config(tmp_path, searched["pretrained"], base='("144p", 17)', buckets=buckets, extra=sp)
     result = search_batch_sizes(config, output=tmp_path / "fitted.py", warmup_steps=1, active_steps=1)
     trials = load_trials(result.results_file)
-    assert trials and all((t.world_size, t.sp_size) == (2, 2) and t.fits for t in trials)
+    assert trials and all((t.world_size, t.sp_size, t.clock) == (2, 2, "wall") and t.fits for t in trials)
     assert result.device.startswith("2 Ray Train worker(s)")
     # the driver replayed the workers' search from the results file
     assert sum(len(r.trials) for r in result.results) == len(trials)

@@ -10,7 +10,8 @@ reference; `base_step_time` (seconds) gives the reference directly. Every other 
 search, the batch size whose step time is closest below the reference. A bucket that does not fit at its
 smallest batch size is written as `(0.0, None)`, with a warning.
 
-Measurement noise: a trial's step time is the median of its timed steps (`step_trial`), and the binary
+Measurement noise: a trial's step time is the median of its timed steps (`step_trial`; on one CPU rank
+this process's CPU time, which other work on the machine does not inflate), and the binary
 search's choice is then settled on a second measurement: the chosen batch size and the next larger one are
 timed again and the faster of each one's two step times decides which of them is closest below (the base
 bucket is timed again too, and the faster of its two is the reference). On a shared machine one trial that
@@ -472,19 +473,21 @@ def search_batch_sizes(
         num_workers = num_workers or job.settings.num_train_workers
         check_sp_size(sp_size, num_workers)
         device, use_gpu = worker_device(num_workers, ray_address)
+        clock = "wall"
     else:
         from opensora_core.train.step_trial import StepTrials
 
         trials = StepTrials(
-            job, memory_budget_gib=memory_budget_gib, warmup_steps=warmup_steps, active_steps=active_steps
-        )
-        device = trials.device_name
+            job, memory_budget_gib=memory_budget_gib, warmup_steps=warmup_steps, active_steps=active_steps,
+            clock="cpu",
+        )  # fmt: skip
+        device, clock = trials.device_name, trials.clock
     settings = {
         "model": job.model, "vae": job.vae, "text_encoder": job.text_encoder, "scheduler": job.scheduler,
         "mask_ratios": job.mask_ratios, "dtype": job.settings.dtype, "plugin": job.settings.plugin,
         "grad_checkpoint": job.settings.grad_checkpoint, "warmup_steps": warmup_steps,
         "active_steps": active_steps, "memory_budget_gib": memory_budget_gib, "device": device,
-        "num_workers": num_workers or 1, "sp_size": sp_size,
+        "num_workers": num_workers or 1, "sp_size": sp_size, "clock": clock,
     }  # fmt: skip
     trial_log = TrialLog(results_path_of(output).resolve(), settings)
     if on_workers:

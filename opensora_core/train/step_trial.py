@@ -17,6 +17,12 @@ resident set size of this process during the trial, sampled every 5 ms from /pro
 allocator keeps no peak statistics and tracemalloc does not see its tensors); a `memory_budget` makes
 trials whose peak exceeds it not fit. On CPU trials run on one torch thread, as each Ray Train worker does
 (it is given one CPU).
+
+Clock: wall time by default. `clock="cpu"` (the search on one CPU rank) times a step by this process's CPU
+time instead: on a machine that other work shares, wall time counts the waits for a core as well (on
+this project's 2-core machine under a load of 20 to 60 one step's wall time varied 3 to 10 fold), while a
+one-thread step's CPU time is the work itself, what its wall time is on a CPU of its own. A process's CPU
+time says nothing of a step that waits on a GPU or on other ranks, so every other trial keeps wall time.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class Trial:
     repeat: int = 0  # 0: the search's trial; 1: its re-measure (search_bs.fit_bucket)
     world_size: int = 1  # ranks that took the step together
     sp_size: int = 1  # ranks each sample's tokens were split across
+    clock: str = "wall"  # or "cpu": this process's CPU time (see the module's docstring)
+    wall_s: float | None = None  # median wall time of the timed steps, whatever `clock` is
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step_times", tuple(self.step_times))  # a list when read back from JSON
@@ -71,7 +79,7 @@ class StepTrials:
 
     def __init__(
         self, job: TrainJob, *, memory_budget_gib: float | None = None, warmup_steps: int = 1,
-        active_steps: int = 3,
+        active_steps: int = 3, clock: str = "wall",
     ) -> None:  # fmt: skip
         self.job = job
         self.memory_budget_gib = memory_budget_gib
@@ -84,6 +92,9 @@ class StepTrials:
         self._env = {name: os.environ.get(name) for name in _RANK_ENV}
         self._own_group = _one_rank_group(Path(self._workdir.name), self.on_gpu)
         self.layout = _layout(job.settings.sp_size)
+        # CPU time only where it is the step's whole cost: one CPU rank (no GPU, no other rank to wait for)
+        self.clock = "cpu" if clock == "cpu" and not self.on_gpu and self.layout.world_size == 1 else "wall"
+        self._now = time.process_time if self.clock == "cpu" else time.perf_counter
         self._parts: _Parts | None = None
 
     @property
@@ -100,18 +111,19 @@ class StepTrials:
         if not self.on_gpu:
             torch.set_num_threads(1)
         peak = _PeakMemory(self.device)
-        tokens, error, times = 0, "", []
+        tokens, error, times, walls = 0, "", [], []
         try:
             with peak:
                 # the same batch and seeds on every rank: an SP group's ranks share a batch, as in training
                 batch = _synthetic_batch(batch_size, num_frames, height, width, self.job.settings.seed)
                 for i in range(self.warmup_steps + self.active_steps):
                     _sync(self.device)
-                    start = time.perf_counter()
+                    start, wall_start = self._now(), time.perf_counter()
                     tokens = parts.step(batch, seed=i)
                     _sync(self.device)
                     if i >= self.warmup_steps:
-                        times.append(time.perf_counter() - start)
+                        times.append(self._now() - start)
+                        walls.append(time.perf_counter() - wall_start)
                     if self._agree_max(float(self._over_budget(peak.gib())))[0]:  # all ranks stop together
                         error = f"peak {peak.gib():.2f} GiB over the budget of {self.memory_budget_gib} GiB"
                         break
@@ -120,16 +132,19 @@ class StepTrials:
             self._drop_parts()  # the optimizer may hold half a step's gradients: rebuilt for the next trial
         finally:
             torch.set_num_threads(threads)
-        failed, step_s, peak_gib = self._agree_max(
-            float(bool(error)), statistics.median(times) if times and not error else 0.0, peak.gib()
-        )
+        ok = bool(times) and not error
+        failed, step_s, wall_s, peak_gib = self._agree_max(
+            float(not ok), statistics.median(times) if ok else 0.0, statistics.median(walls) if ok else 0.0,
+            peak.gib(),
+        )  # fmt: skip
         if failed and not error:
             error = "did not fit on another rank"
         return Trial(
             num_frames, height, width, batch_size, fits=not failed, step_s=None if failed else step_s,
             peak_gib=round(peak_gib, 4), tokens=tokens, error=error,
             step_times=() if failed else tuple(round(t, 6) for t in times), repeat=repeat,
-            world_size=self.layout.world_size, sp_size=parts.sp_size,
+            world_size=self.layout.world_size, sp_size=parts.sp_size, clock=self.clock,
+            wall_s=None if failed else round(wall_s, 6),
         )  # fmt: skip
 
     def _agree_max(self, *values: float) -> list[float]:
