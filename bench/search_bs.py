@@ -14,7 +14,7 @@
     sample's step time under the base's, so every bucket's sample must cost well under 15 % of the base's
     step (here 144p-17 at batch size ~9; 240p at 5 frames, not 17, whose one sample costs ~1/3 of it).
 (b) plan against reality: grey clips of two shapes are scanned and bucketed, `make_plan` predicts an epoch
-    (its step times measured as `opensora plan` does), and `opensora_core.train.train` runs `--epochs` epochs
+    (its step times measured as `opensora plan --num-train-workers 1` does: on a Ray Train worker), and `opensora_core.train.train` runs `--epochs` epochs
     on 1 Ray Train worker with MLflow logging every step; the measured epoch is the sum of the last epoch's
     logged step times (every bucket keeps all samples, so each epoch has the same batches). `ratio` =
     predicted seconds per epoch / measured (the goal: 0.8 to 1.25).
@@ -132,7 +132,10 @@ def plan_part(args: argparse.Namespace, root: Path, pretrained) -> dict:
     )
     cfg = load_config(config, mode="train")
     snapshot = build_buckets(cfg, meta, root / "buckets").path
-    plan = make_plan(cfg, snapshot_dir=snapshot, num_workers=1, warmup_steps=1, active_steps=args.steps)
+    # measured where training runs: on a Ray Train worker with a training worker's resources
+    plan = make_plan(
+        cfg, snapshot_dir=snapshot, num_workers=1, warmup_steps=1, active_steps=args.steps, on_workers=True
+    )
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient()
     run = client.create_run(client.create_experiment("bench-plan")).info.run_id
