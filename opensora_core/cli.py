@@ -169,7 +169,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     start = time.perf_counter()
     plan = make_plan(
         cfg, snapshot_dir=ns.snapshot or current_snapshot(cfg), num_workers=ns.num_train_workers,
-        step_times=ns.step_times,
+        step_times=ns.step_times, on_workers=ns.num_train_workers is not None, ray_address=ns.ray_address,
     )  # fmt: skip
     _console().print(plan_table(plan))
     run_id = None
@@ -195,7 +195,7 @@ def cmd_search_bs(ns: argparse.Namespace) -> int:
     result = search_batch_sizes(
         ns.config, output=ns.output, memory_budget_gib=ns.memory_budget, cfg_options=ns.cfg_options,
         warmup_steps=ns.warmup_steps, active_steps=ns.active_steps, batch_size_start=ns.batch_size_start,
-        batch_size_end=ns.batch_size_end,
+        batch_size_end=ns.batch_size_end, num_workers=ns.num_train_workers, ray_address=ns.ray_address,
     )  # fmt: skip
     _console().print(search_table(result.results, result.reference_step_s))
     fitted = sum(r.trial is not None for r in result.results)
@@ -404,7 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-bucket batches, steps per epoch and GPU-hours before training")
     plan.add_argument("config")
     plan.add_argument("--snapshot", help="bucket snapshot (default: the current one under {outputs}/buckets)")
-    plan.add_argument("--num-train-workers", type=int, help="training workers (config: num_train_workers)")
+    plan.add_argument(
+        "--num-train-workers", type=int,
+        help="training workers (config: num_train_workers); given, step times are measured on as many Ray Train workers",
+    )  # fmt: skip
+    plan.add_argument(
+        "--ray-address", help="measure on this Ray cluster's workers (default: in this process)"
+    )
     plan.add_argument("--step-times", help="search-bs results file (default: the one beside the config)")
     plan.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     plan.set_defaults(func=cmd_plan)
@@ -416,9 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output", help="fitted config to write (default: {outputs}/search_bs/NAME.py)")
     search.add_argument("--memory-budget", type=float, metavar="GIB", help="peak memory a batch size may use")
     search.add_argument("--warmup-steps", type=int, default=1, help="untimed steps per trial")
-    search.add_argument("--active-steps", type=int, default=2, help="timed steps per trial")
+    search.add_argument("--active-steps", type=int, default=3, help="timed steps per trial (their median)")
     search.add_argument("--batch-size-start", type=int, default=2, help="v1.1 form (keep_prob, bs): lowest")
     search.add_argument("--batch-size-end", type=int, default=256, help="v1.1 form: highest + 1")
+    search.add_argument(
+        "--num-train-workers", type=int,
+        help="trials on as many Ray Train workers, as training runs (default: in this process; sp_size > 1: "
+        "num_train_workers)",
+    )  # fmt: skip
+    search.add_argument(
+        "--ray-address", help="trials on this Ray cluster's workers (default: in this process)"
+    )
     search.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     search.set_defaults(func=cmd_search_bs)
 

@@ -16,6 +16,7 @@ from opensora_core.train.search_bs import (
     SearchBucket,
     fit_bucket,
     load_trials,
+    pooled,
     search_batch_sizes,
     search_buckets,
 )
@@ -71,8 +72,12 @@ def test_the_base_takes_its_largest_fitting_batch_size_and_the_others_the_closes
     assert (base.bucket.name, base.batch_size) == ("144p-17", 3)  # range 1..3, no memory budget
     assert result.reference_step_s == base.trial.step_s
     images = next(r for r in result.results if r.bucket.name == "144p-1")
-    below = [t for t in images.trials if t.step_s < result.reference_step_s]
-    assert images.batch_size == max(t.batch_size for t in below)
+    again = [t for t in images.trials if t.batch_size == images.batch_size]
+    assert sorted(t.repeat for t in again) == [0, 1]  # the choice settled on a second measurement
+    assert images.trial == pooled(again)
+    assert images.trial.step_s < result.reference_step_s or images.batch_size == 1
+    base_again = [t for t in base.trials if t.batch_size == 3]
+    assert result.reference_step_s == pooled(base_again).step_s and len(base_again) == 2
 
 
 def test_trials_go_to_the_results_file_beside_the_output(searched):
@@ -81,6 +86,8 @@ def test_trials_go_to_the_results_file_beside_the_output(searched):
     trials = load_trials(result.results_file)
     assert len(trials) == sum(len(r.trials) for r in result.results)
     assert all(t.fits and t.step_s > 0 and t.peak_gib > 0 and t.tokens > 0 for t in trials)
+    # one CPU rank: the search times its steps by CPU time, and keeps their wall time beside it
+    assert all(t.clock == "cpu" and t.wall_s > 0 and len(t.step_times) == 1 for t in trials)
 
 
 def test_a_search_started_again_measures_nothing_again(searched, monkeypatch):
@@ -108,8 +115,34 @@ def test_plan_takes_its_step_times_from_the_search(searched, tmp_path):
     assert plan.steps.steps_per_epoch == 1 and plan.epoch_s == cost.step_s
 
 
+def fake_trial(batch_size, step_times, repeat=0):
+    """A trial of given step times (the search's rules are tested apart from any clock)."""
+    return Trial(
+        17, 144, 256, batch_size, fits=True, step_s=sorted(step_times)[len(step_times) // 2], peak_gib=1.0,
+        tokens=10, step_times=tuple(step_times), repeat=repeat,
+    )  # fmt: skip
+
+
+def test_a_slowed_first_measurement_is_corrected_by_the_second():
+    # 1 s per sample; the first trial of batch size 3 was slowed to 5 s, so the binary search stops at 2
+    # under a reference of 3.5 s; measured again, 3 is below the reference and 4 is not
+    first = {3: (5.0, 5.0, 5.0)}
+    measured = []
+
+    def measure(bucket, batch_size, repeat):
+        measured.append((batch_size, repeat))
+        times = first.get(batch_size, (batch_size,) * 3) if repeat == 0 else (batch_size,) * 3
+        return fake_trial(batch_size, times, repeat)
+
+    fitted = fit_bucket(SearchBucket("144p", 17, 1.0, (1, 2, 3, 4, 5)), measure, ref_step_s=3.5)
+    assert measured[:3] == [(3, 0), (1, 0), (2, 0)]  # the binary search stopped at 2
+    assert fitted.batch_size == 3
+    assert fitted.trial.step_times == (5.0, 5.0, 5.0, 3.0, 3.0, 3.0) and fitted.trial.step_s == 3.0
+    assert {(3, 1), (4, 0), (4, 1)} <= set(measured)  # 3 again, then 4 (over the reference) twice
+
+
 def test_a_bucket_that_never_fits_is_set_to_not_used_with_a_warning(caplog):
-    def measure(bucket, batch_size):
+    def measure(bucket, batch_size, repeat):
         return Trial(
             17,
             144,
@@ -196,3 +229,35 @@ def test_search_bs_and_plan_end_with_a_summary_and_name_their_log_file(searched,
     assert f"planned 1 bucket(s) of {snapshot} in " in err
     assert re.search(r": \d+ steps, \S+ GPU-hours \(step times: 1 from search-bs, 0 measured here\)", err)
     assert any(line.startswith("log: ") and "/logs/plan-" in line for line in err.splitlines())
+
+
+def test_with_sequence_parallelism_the_trials_run_on_an_sp_group_of_ray_train_workers(
+    searched, shared_ray, tmp_path
+):
+    shared_ray.ensure(trains=True)
+    buckets = '{"_delete_": True, "144p": {17: (1, 0), 1: (2, 1)}}'
+    sp = "plugin = 'zero2-seq'\nsp_size = 2\nnum_train_workers = 2\n"
+    config = tiny_config(tmp_path, searched["pretrained"], base='("144p", 17)', buckets=buckets, extra=sp)
+    result = search_batch_sizes(config, output=tmp_path / "fitted.py", warmup_steps=1, active_steps=1)
+    trials = load_trials(result.results_file)
+    assert trials and all((t.world_size, t.sp_size, t.clock) == (2, 2, "wall") and t.fits for t in trials)
+    assert result.device.startswith("2 Ray Train worker(s)")
+    # the driver replayed the workers' search from the results file
+    assert sum(len(r.trials) for r in result.results) == len(trials)
+    fitted = load_config(result.output, mode="train")
+    assert fitted.training.sp_size == 2 and fitted.bucket_config.batch_sizes()[("144p", 17)] == 1
+
+
+def test_plan_measures_what_the_search_did_not_on_ray_train_workers(searched, shared_ray, tmp_path):
+    shared_ray.ensure(trains=True)
+    result = searched["result"]
+    # 144p-17 at batch size 3 was searched; 240p-17 at batch size 1 (variance 0) was not: measured now
+    meta = clip_table([(40, 144, 256)] * 3 + [(40, 240, 426)], root=str(tmp_path))
+    fitted = load_config(result.output, mode="train")
+    snapshot = write_snapshot(tmp_path / "s", meta, fitted.bucket_config.to_dict())
+    plan = make_plan(fitted, snapshot_dir=snapshot, num_workers=2, on_workers=True)
+    sources = {c.bucket.key.id.split("|")[0]: c.source for c in plan.buckets}
+    assert sorted(sources.values()) == ["measured", "search-bs"]
+    measured = next(c for c in plan.buckets if c.source == "measured")
+    assert measured.bucket.height == 240 and measured.step_s > 0 and measured.tokens > 0
+    assert plan.device == "2 Ray Train worker(s), one CPU each"

@@ -100,13 +100,17 @@ def make_plan(
     num_workers: int | None = None,
     step_times: str | Path | None = None,
     warmup_steps: int = 1,
-    active_steps: int = 2,
+    active_steps: int = 3,
+    on_workers: bool = False,
+    ray_address: str | None = None,
 ) -> TrainingPlan:
     """The plan of validated training config `cfg` on `snapshot_dir` with `num_workers` workers (default:
-    num_train_workers). `step_times`: a search-bs results file (default: the one beside the config, if any)."""
+    num_train_workers). `step_times`: a search-bs results file (default: the one beside the config, if any).
+
+    Step times not in the results file are measured in this process, or with `on_workers`, a `ray_address`
+    or sp_size > 1 on a Ray Train worker group shaped as training's (`train.trial_workers`)."""
     from opensora_core.data.snapshot import open_snapshot
-    from opensora_core.train.job import train_job
-    from opensora_core.train.search_bs import load_trials, results_path_of
+    from opensora_core.train.search_bs import load_trials, pooled_step_times, results_path_of
 
     s = cfg.training
     num_workers = num_workers or s.num_train_workers
@@ -115,42 +119,83 @@ def make_plan(
     searched = {}
     path = Path(step_times) if step_times else results_path_of(cfg.path)
     if path.is_file():
-        searched = {(t.num_frames, t.height, t.width, t.batch_size): t for t in load_trials(path) if t.fits}
+        searched = pooled_step_times(load_trials(path))
         log.info("step times from %s (%d trials)", path, len(searched))
-    costs, trials = [], None
-    try:
-        for b in steps.buckets:
-            trial = searched.get((b.num_frames, b.height, b.width, b.batch_size))
-            if trial is not None:
-                costs.append(BucketCost(b, _batches(b, steps), trial.tokens, trial.step_s, "search-bs"))
-                continue
-            if trials is None:
-                from opensora_core.train.step_trial import StepTrials
-
-                job = train_job(cfg, snapshot_dir=str(snapshot.path), output_dir=".")
-                trials = StepTrials(job, warmup_steps=warmup_steps, active_steps=active_steps)
-            if b.count < b.batch_size:  # never trained on: nothing to time
-                tokens = trials.tokens(b.num_frames, b.height, b.width)
-                costs.append(BucketCost(b, 0.0, tokens, 0.0, "starved, not timed"))
-                continue
-            trial = _measure(trials, b)
+    todo = [b for b in steps.buckets if _key(b) not in searched]
+    timed = [b for b in todo if b.count >= b.batch_size]
+    starved = [b for b in todo if b.count < b.batch_size]  # never trained on: nothing to time
+    device = "from search-bs results"
+    measured: dict[tuple[int, int, int, int], Trial] = {}
+    tokens: dict[tuple[int, int, int, int], int] = {}
+    if todo:
+        workers = on_workers or ray_address is not None or s.sp_size > 1
+        run = _measure_on_workers if workers else _measure_here
+        trials, counts, device = run(
+            cfg, str(snapshot.path), timed, starved, warmup_steps, active_steps, num_workers, ray_address
+        )
+        measured = {_key(b): t for b, t in zip(timed, trials, strict=True)}
+        tokens = {_key(b): n for b, n in zip(starved, counts, strict=True)}
+    costs = []
+    for b in steps.buckets:
+        key = _key(b)
+        if key in searched:
+            trial = searched[key]
+            costs.append(BucketCost(b, _batches(b, steps), trial.tokens, trial.step_s, "search-bs"))
+        elif key in tokens:
+            costs.append(BucketCost(b, 0.0, tokens[key], 0.0, "starved, not timed"))
+        else:
+            trial = measured[key]
+            if not trial.fits:
+                log.warning(
+                    "bucket %s at batch size %d does not fit: %s", b.key.id, b.batch_size, trial.error
+                )
             costs.append(BucketCost(b, _batches(b, steps), trial.tokens, trial.step_s or 0.0, "measured"))
-        device = trials.device_name if trials is not None else "from search-bs results"
-    finally:
-        if trials is not None:
-            trials.close()
     return TrainingPlan(str(snapshot.path), steps, tuple(costs), num_workers, s.epochs, s.max_steps, device)
+
+
+def _key(b: BucketStats) -> tuple[int, int, int, int]:
+    return (b.num_frames, b.height, b.width, b.batch_size)
+
+
+def _measure_here(
+    cfg: Any, snapshot: str, timed: list[BucketStats], starved: list[BucketStats], warmup_steps: int,
+    active_steps: int, _num_workers: int, _ray_address: str | None,
+) -> tuple[list[Trial], list[int], str]:  # fmt: skip
+    """(a trial of each timed bucket, tokens per sample of each starved one, the device) in this process."""
+    from opensora_core.train.job import train_job
+    from opensora_core.train.step_trial import StepTrials
+
+    trials = StepTrials(
+        train_job(cfg, snapshot_dir=snapshot, output_dir="."),
+        warmup_steps=warmup_steps,
+        active_steps=active_steps,
+    )
+    try:
+        measured = [trials.measure(*_key(b)) for b in timed]
+        counts = [trials.tokens(b.num_frames, b.height, b.width) for b in starved]
+        return measured, counts, trials.device_name
+    finally:
+        trials.close()
+
+
+def _measure_on_workers(
+    cfg: Any, snapshot: str, timed: list[BucketStats], starved: list[BucketStats], warmup_steps: int,
+    active_steps: int, num_workers: int, ray_address: str | None,
+) -> tuple[list[Trial], list[int], str]:  # fmt: skip
+    """The same on a Ray Train worker group of `num_workers` (Ray's run state under the run's outputs)."""
+    from opensora_core.train.job import train_job
+    from opensora_core.train.trial_workers import TrialSettings, measure_on_workers
+
+    job = train_job(cfg, snapshot_dir=snapshot, output_dir=str(Path(cfg.training.outputs).resolve()))
+    return measure_on_workers(
+        job, [_key(b) for b in timed], [(b.num_frames, b.height, b.width) for b in starved],
+        TrialSettings(None, warmup_steps, active_steps), num_workers=num_workers, ray_address=ray_address,
+        storage_dir=Path(cfg.training.outputs),
+    )  # fmt: skip
 
 
 def _batches(b: BucketStats, steps: StepPlan) -> float:
     return (b.count // b.batch_size) / steps.dp_size
-
-
-def _measure(trials: Any, b: BucketStats) -> Trial:
-    trial = trials.measure(b.num_frames, b.height, b.width, b.batch_size)
-    if not trial.fits:
-        log.warning("bucket %s at batch size %d does not fit: %s", b.key.id, b.batch_size, trial.error)
-    return trial
 
 
 def plan_table(plan: TrainingPlan) -> Any:

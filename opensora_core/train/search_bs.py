@@ -10,6 +10,13 @@ reference; `base_step_time` (seconds) gives the reference directly. Every other 
 search, the batch size whose step time is closest below the reference. A bucket that does not fit at its
 smallest batch size is written as `(0.0, None)`, with a warning.
 
+Measurement noise: a trial's step time is the median of its timed steps (`step_trial`; on one CPU rank
+this process's CPU time, which other work on the machine does not inflate), and the binary
+search's choice is then settled on a second measurement: the chosen batch size and the next larger one are
+timed again and the faster of each one's two step times decides which of them is closest below (the base
+bucket is timed again too, and the faster of its two is the reference). On a shared machine one trial that
+other work slowed would otherwise fix a batch size one or more steps away from the closest below.
+
 Each trial is the real train step (`train.step_trial`). Trials are appended to a results file beside the
 output (`FITTED.trials.jsonl`); a search started again replays them instead of measuring again, so a crash
 costs only the trial it interrupted. `plan` reads the same file for its step times.
@@ -150,7 +157,7 @@ class TrialLog:
         self.fingerprint = hashlib.sha256(
             json.dumps(settings, sort_keys=True, default=str).encode()
         ).hexdigest()
-        self.trials: dict[tuple[int, int, int, int], Trial] = {}
+        self.trials: dict[tuple[int, ...], Trial] = {}
         if path.is_file():
             lines = path.read_text().splitlines()
             head = json.loads(lines[0]) if lines else {}
@@ -160,25 +167,52 @@ class TrialLog:
                     "remove it or write to another --output"
                 )
             for t in _trials(lines[1:]):
-                self.trials[(t.num_frames, t.height, t.width, t.batch_size)] = t
+                self.trials[_key(t)] = t
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(
                 json.dumps({"fingerprint": self.fingerprint, "settings": settings}, default=str) + "\n"
             )
 
-    def get(self, shape: tuple[int, int, int], batch_size: int) -> Trial | None:
-        return self.trials.get((*shape, batch_size))
+    def get(self, shape: tuple[int, int, int], batch_size: int, repeat: int) -> Trial | None:
+        return self.trials.get((*shape, batch_size, repeat))
 
     def add(self, trial: Trial) -> None:
-        self.trials[(trial.num_frames, trial.height, trial.width, trial.batch_size)] = trial
+        self.trials[_key(trial)] = trial
         with self.path.open("a") as f:
             f.write(json.dumps(dataclasses.asdict(trial)) + "\n")
+
+
+def _key(t: Trial) -> tuple[int, ...]:
+    return (t.num_frames, t.height, t.width, t.batch_size, t.repeat)
 
 
 def load_trials(path: str | Path) -> list[Trial]:
     """The trials of a results file."""
     return list(_trials(Path(path).read_text().splitlines()[1:]))
+
+
+def pooled(trials: Sequence[Trial]) -> Trial:
+    """Trials of one shape and batch size as one: the fastest of their step times (other work on the machine
+    only ever slows a trial down, so the faster measurement is the nearer one), all their timed steps, the
+    largest peak; it fits only if each of them did."""
+    first = trials[0]
+    fits = all(t.fits for t in trials)
+    times = tuple(x for t in trials for x in t.step_times) if fits else ()
+    step_s = min(t.step_s for t in trials) if fits else None
+    return dataclasses.replace(
+        first, fits=fits, step_s=step_s, peak_gib=max(t.peak_gib for t in trials), step_times=times,
+        error=next((t.error for t in trials if t.error), ""), repeat=max(t.repeat for t in trials),
+    )  # fmt: skip
+
+
+def pooled_step_times(trials: Sequence[Trial]) -> dict[tuple[int, int, int, int], Trial]:
+    """(T, H, W, batch size) -> the pooled trial of every measurement of it that fits (what `plan` reads)."""
+    groups: dict[tuple[int, int, int, int], list[Trial]] = {}
+    for t in trials:
+        if t.fits:
+            groups.setdefault((t.num_frames, t.height, t.width, t.batch_size), []).append(t)
+    return {key: pooled(group) for key, group in groups.items()}
 
 
 def _trials(lines: Sequence[str]) -> list[Trial]:
@@ -191,42 +225,82 @@ def _trials(lines: Sequence[str]) -> list[Trial]:
     return out
 
 
-Measure = Callable[[SearchBucket, int], Trial]
+Measure = Callable[[SearchBucket, int, int], Trial]  # (bucket, batch size, repeat)
 
 
 def fit_bucket(bucket: SearchBucket, measure: Measure, ref_step_s: float | None) -> Fitted:
     """Binary search over the bucket's candidates: the largest that fits (no reference), else the one whose
-    step time is closest below `ref_step_s`; the smallest that fits when every one is slower."""
+    step time is closest below `ref_step_s`; the smallest that fits when every one is slower. The choice is
+    then settled on a second measurement (`_settle`)."""
     cands = bucket.candidates
     trials: list[Trial] = []
-    best: Trial | None = None
+    best: int | None = None  # index into cands
     lo, hi = 0, len(cands) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
-        trial = measure(bucket, cands[mid])
+        trial = measure(bucket, cands[mid], 0)
         trials.append(trial)
         if not trial.fits:
             hi = mid - 1
         elif ref_step_s is None or trial.step_s < ref_step_s:
-            if best is None or trial.batch_size > best.batch_size:
-                best = trial
+            best = mid if best is None else max(best, mid)
             lo = mid + 1
         else:
             hi = mid - 1
     if best is None:
-        fitting = sorted((t for t in trials if t.fits), key=lambda t: t.batch_size)
-        best = fitting[0] if fitting else None
-        if best is None:
-            log.warning(
-                "bucket %s does not fit at batch size %d (%s): set to (0.0, None)",
-                bucket.name, cands[0], trials[-1].error if trials else "not measured",
-            )  # fmt: skip
+        fitting = [cands.index(t.batch_size) for t in trials if t.fits]
+        best = min(fitting) if fitting else None
+    if best is None:
+        log.warning(
+            "bucket %s does not fit at batch size %d (%s): set to (0.0, None)",
+            bucket.name, cands[0], trials[-1].error if trials else "not measured",
+        )  # fmt: skip
+        return Fitted(bucket, None, None, tuple(trials))
+    chosen = _settle(bucket, measure, ref_step_s, best, trials)
+    if not chosen.fits:
+        log.warning(
+            "bucket %s: batch size %d does not fit when measured again (%s): set to (0.0, None)",
+            bucket.name, chosen.batch_size, chosen.error,
+        )  # fmt: skip
+        return Fitted(bucket, None, None, tuple(trials))
+    if ref_step_s is not None and chosen.step_s >= ref_step_s:
+        log.warning(
+            "bucket %s: even batch size %d takes %.3f s, over the base's %.3f s",
+            bucket.name, chosen.batch_size, chosen.step_s, ref_step_s,
+        )  # fmt: skip
+    return Fitted(bucket, chosen.batch_size, chosen, tuple(trials))
+
+
+def _settle(
+    bucket: SearchBucket, measure: Measure, ref: float | None, index: int, trials: list[Trial]
+) -> Trial:
+    """The pooled trial of the batch size that a second measurement confirms (appending what it measures
+    to `trials`). Without a reference: the chosen one timed again (the base's step time becomes the faster
+    of both, `pooled`). With one: the chosen and the next larger candidate timed again; one step up while the next is
+    below the reference, one step down while the chosen is not, at most two moves (a search whose first
+    measurement was right costs two extra trials)."""
+    cands = bucket.candidates
+    seen: dict[int, Trial] = {}
+
+    def both(i: int) -> Trial:
+        if i not in seen:
+            runs = [measure(bucket, cands[i], repeat) for repeat in (0, 1)]
+            trials.extend(t for t in runs if t not in trials)
+            seen[i] = pooled(runs)
+        return seen[i]
+
+    if ref is None:
+        settled = both(index)
+        return settled if settled.fits else next(t for t in trials if t.batch_size == cands[index])
+    for _ in range(2):
+        here, up = both(index), index + 1
+        if here.fits and up < len(cands) and both(up).fits and both(up).step_s < ref:
+            index = up
+        elif (not here.fits or here.step_s >= ref) and index > 0:
+            index -= 1
         else:
-            log.warning(
-                "bucket %s: even batch size %d takes %.3f s, over the base's %.3f s",
-                bucket.name, best.batch_size, best.step_s, ref_step_s,
-            )  # fmt: skip
-    return Fitted(bucket, best.batch_size if best else None, best, tuple(trials))
+            break
+    return both(index)
 
 
 Fit = Callable[[SearchBucket, float | None], Fitted]
@@ -364,16 +438,22 @@ def search_batch_sizes(
     memory_budget_gib: float | None = None,
     cfg_options: Sequence[str] | None = None,
     warmup_steps: int = 1,
-    active_steps: int = 2,
+    active_steps: int = 3,
     batch_size_start: int = 2,
     batch_size_end: int = 256,
     progress: bool = True,
+    num_workers: int | None = None,
+    ray_address: str | None = None,
 ) -> SearchResult:
-    """Search, write the fitted config and its results file, log to MLflow when it is configured."""
+    """Search, write the fitted config and its results file, log to MLflow when it is configured.
+
+    The trials run in this process, or with `num_workers` or `ray_address` given, or a config with
+    sp_size > 1, on a Ray Train worker group shaped as training's (`train.trial_workers`): `num_workers`
+    workers (default: the config's num_train_workers)."""
     import time
 
     from opensora_core.train.job import train_job
-    from opensora_core.train.step_trial import StepTrials
+    from opensora_core.train.trial_workers import TrialSettings
 
     start = time.perf_counter()
     cfg, raw = search_config(config, cfg_options)
@@ -384,42 +464,101 @@ def search_batch_sizes(
     base_step_time = raw.get("base_step_time")
     output = Path(output) if output else Path(cfg.training.outputs) / "search_bs" / f"{Path(config).stem}.py"
     job = train_job(cfg, snapshot_dir=None, output_dir=str(output.parent))
-    trials = StepTrials(
-        job, memory_budget_gib=memory_budget_gib, warmup_steps=warmup_steps, active_steps=active_steps
-    )
+    how = TrialSettings(memory_budget_gib, warmup_steps, active_steps)
+    sp_size = job.settings.sp_size
+    on_workers = num_workers is not None or ray_address is not None or sp_size > 1
+    if on_workers:
+        from opensora_core.parallel.layout import check_sp_size
+        from opensora_core.train.trial_workers import worker_device
+
+        num_workers = num_workers or job.settings.num_train_workers
+        check_sp_size(sp_size, num_workers)
+        device, use_gpu = worker_device(num_workers, ray_address)
+        clock = "wall"
+    else:
+        from opensora_core.train.step_trial import StepTrials
+
+        trials = StepTrials(
+            job, memory_budget_gib=memory_budget_gib, warmup_steps=warmup_steps, active_steps=active_steps,
+            clock="cpu",
+        )  # fmt: skip
+        device, clock = trials.device_name, trials.clock
     settings = {
         "model": job.model, "vae": job.vae, "text_encoder": job.text_encoder, "scheduler": job.scheduler,
         "mask_ratios": job.mask_ratios, "dtype": job.settings.dtype, "plugin": job.settings.plugin,
         "grad_checkpoint": job.settings.grad_checkpoint, "warmup_steps": warmup_steps,
-        "active_steps": active_steps, "memory_budget_gib": memory_budget_gib, "device": trials.device_name,
+        "active_steps": active_steps, "memory_budget_gib": memory_budget_gib, "device": device,
+        "num_workers": num_workers or 1, "sp_size": sp_size, "clock": clock,
     }  # fmt: skip
-    trial_log = TrialLog(results_path_of(output), settings)
-    try:
-        with _progress(progress, sum(1 for b in buckets if len(b.candidates) > 1)) as bar:
-
-            def measure(bucket: SearchBucket, batch_size: int) -> Trial:
-                done = trial_log.get(bucket.shape, batch_size)
-                if done is not None:
-                    return done
-                bar.describe(f"{bucket.name} batch size {batch_size}")
-                trial = trials.measure(*bucket.shape, batch_size)
-                trial_log.add(trial)
-                return trial
-
-            def fit(bucket: SearchBucket, ref: float | None) -> Fitted:
-                fitted = fit_bucket(bucket, measure, ref)
-                bar.advance()
-                return fitted
-
-            results, ref = run_search(buckets, base, base_step_time, fit)
-    finally:
-        trials.close()
+    trial_log = TrialLog(results_path_of(output).resolve(), settings)
+    if on_workers:
+        results, ref = _search_on_workers(
+            job, buckets, base, base_step_time, trial_log, settings, how, num_workers=num_workers,
+            use_gpu=use_gpu, ray_address=ray_address, storage_dir=output.parent,
+        )  # fmt: skip
+    else:
+        try:
+            results, ref = _search_here(buckets, base, base_step_time, trial_log, trials, progress)
+        finally:
+            trials.close()
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(fitted_config_text(config, output, results, ref, trials.device_name))
-    result = SearchResult(
-        output, trial_log.path, results, ref, trials.device_name, time.perf_counter() - start
-    )
+    output.write_text(fitted_config_text(config, output, results, ref, device))
+    result = SearchResult(output, trial_log.path, results, ref, device, time.perf_counter() - start)
     return dataclasses.replace(result, mlflow_run_id=_log_to_mlflow(result))
+
+
+def _search_here(
+    buckets: Sequence[SearchBucket], base: SearchBucket | None, base_step_time: float | None,
+    trial_log: TrialLog, trials: Any, progress: bool,
+) -> tuple[list[Fitted], float]:  # fmt: skip
+    """The search in this process, with a progress bar naming the trial being measured."""
+    with _progress(progress, sum(1 for b in buckets if len(b.candidates) > 1)) as bar:
+
+        def measure(bucket: SearchBucket, batch_size: int, repeat: int) -> Trial:
+            done = trial_log.get(bucket.shape, batch_size, repeat)
+            if done is not None:
+                return done
+            bar.describe(f"{bucket.name} batch size {batch_size}" + (" (again)" if repeat else ""))
+            trial = trials.measure(*bucket.shape, batch_size, repeat)
+            trial_log.add(trial)
+            return trial
+
+        def fit(bucket: SearchBucket, ref: float | None) -> Fitted:
+            fitted = fit_bucket(bucket, measure, ref)
+            bar.advance()
+            return fitted
+
+        return run_search(buckets, base, base_step_time, fit)
+
+
+def _search_on_workers(
+    job: Any, buckets: Sequence[SearchBucket], base: SearchBucket | None, base_step_time: float | None,
+    trial_log: TrialLog, settings: Mapping[str, Any], how: Any, *, num_workers: int, use_gpu: bool,
+    ray_address: str | None, storage_dir: Path,
+) -> tuple[list[Fitted], float]:  # fmt: skip
+    """The search on the worker group (which writes every trial to the results file), then replayed here
+    from that file: the same trials give the same decisions."""
+    from opensora_core.train.trial_workers import SearchJob, run_on_workers, search_per_worker
+
+    search_job = SearchJob(
+        job, tuple(buckets), base, base_step_time, str(trial_log.path), dict(settings),
+        tuple(trial_log.trials.values()), how,
+    )  # fmt: skip
+    run_on_workers(
+        search_per_worker, search_job, num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address,
+        storage_dir=storage_dir, run_name="search_bs",
+    )  # fmt: skip
+    measured = TrialLog(trial_log.path, settings)
+
+    def replay(bucket: SearchBucket, batch_size: int, repeat: int) -> Trial:
+        trial = measured.get(bucket.shape, batch_size, repeat)
+        if trial is None:
+            raise RuntimeError(
+                f"{trial_log.path}: the workers did not record {bucket.name} batch size {batch_size}"
+            )
+        return trial
+
+    return run_search(buckets, base, base_step_time, lambda b, ref: fit_bucket(b, replay, ref))
 
 
 class _Bar:
