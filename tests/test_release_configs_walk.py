@@ -184,6 +184,8 @@ def train_overrides(config: Path, cfg: Any, root: Path) -> str:
 def sample_overrides(cfg: Any, root: Path, reference: Path) -> str:
     image = cfg.sampling.num_frames == 1
     frames = frames_for(cfg, image)
+    if (cfg.raw.get("loop") or 1) > 1:  # a long video: each loop continues from condition_frame_length frames
+        frames = max(frames, cfg.raw.condition_frame_length + 2)
     text = f"num_frames = {frames}\nimage_size = {SIZE!r}\ndtype = 'fp32'\nprompt_path = None\n"
     text += f"save_dir = {str(root / 'samples')!r}\nscheduler = dict(num_sampling_steps=2)\n"
     prompts = cfg.raw.get("prompt") or []
