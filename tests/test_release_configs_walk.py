@@ -63,8 +63,8 @@ class Walked:
 
 
 def job_of(config: Path, cfg: Any) -> str:
-    """The Open-Sora script the config is for: scripts/train.py, inference.py, inference_vae.py,
-    train_vae.py, misc/extract_feat.py, misc/search_bs.py, misc/eval_loss.py."""
+    """The job of the Open-Sora script the config is for: scripts/train.py, inference.py, inference_vae.py,
+    train_vae.py, misc/extract_feat.py, misc/search_bs.py, or eval/loss/eval_loss.py."""
     if config in SEARCH_CONFIGS:
         return "search-bs"
     if config in EVAL_LOSS_CONFIGS:
@@ -93,14 +93,11 @@ def group_key(job: str, cfg: Any) -> tuple:
             cfg.sampling.num_frames == 1 if cfg.sampling else None,
             *(raw.get(k) for k in losses),
         )
-    part = lambda spec: spec.type if spec is not None else None  # noqa: E731
     key = [
         job,
         model_preset(cfg.model.type).func.__name__,
         cfg.model.options.get("condition"),
-        part(cfg.vae),
-        part(cfg.text_encoder),
-        part(cfg.scheduler),
+        *(spec.type if spec is not None else None for spec in (cfg.vae, cfg.text_encoder, cfg.scheduler)),
     ]
     if cfg.mode == "train":
         masks = raw.get("mask_ratios") or raw.get("mask_ratio")
@@ -111,7 +108,7 @@ def group_key(job: str, cfg: Any) -> tuple:
         prompts = raw.get("prompt") or []
         key += [
             cfg.sampling.num_frames == 1,
-            cfg.raw.get("reference_path") is not None or any("reference_path" in p for p in prompts),
+            raw.get("reference_path") is not None or any("reference_path" in p for p in prompts),
             (raw.get("loop") or 1) > 1,
         ]
     return tuple(key)
@@ -352,19 +349,19 @@ def local_ray(shared_ray):
 
 @pytest.fixture(scope="module")
 def features(walk, local_ray, clips) -> Path:
-    """misc/extract.py's job: `opensora bucket` then `opensora precompute` -> the feature snapshot root."""
+    """misc/extract.py's job: `opensora bucket`, then `opensora precompute`'s stage encoding in this
+    process (its Ray Data actor pool, tested in test_features_precompute, takes a minute to start on 2
+    cores) -> the feature snapshot root."""
+    from opensora_core.config import load_config
+    from opensora_core.stages import precompute_stage
+
     (extract,) = representatives(walk, "precompute")
     outputs = extract.tiny.parent / "outputs"
-    bucket = [
-        "bucket",
-        str(extract.tiny),
-        "--meta",
-        str(clips / "meta.parquet"),
-        "--output",
-        str(outputs / "buckets"),
-    ]
-    assert cli_main(bucket) == 0
-    assert cli_main(["precompute", str(extract.tiny), "--quiet"]) == 0
+    meta = str(clips / "meta.parquet")
+    assert cli_main(["bucket", str(extract.tiny), "--meta", meta, "--output", str(outputs / "buckets")]) == 0
+    cfg = load_config(extract.tiny, mode="train", needs_scheduler=False)  # as `opensora precompute` loads it
+    info = precompute_stage(cfg, progress=False, num_actors=0)
+    assert info.path.parent == outputs / "features"
     return outputs / "features"
 
 
@@ -393,13 +390,17 @@ def vae_clips(media) -> None:
 
 
 @pytest.fixture(scope="module")
-def trainings(walk, media, vae_clips, features) -> dict[Path, Any]:
-    """Each training group's representative, two steps, CONCURRENT_RUNS at a time."""
+def trainings(request, walk, media, vae_clips, local_ray) -> dict[Path, Any]:
+    """Each training group's representative, two steps, CONCURRENT_RUNS at a time; the feature cache is
+    encoded while the first ones train, then the groups that train from it are queued."""
     with ThreadPoolExecutor(max_workers=CONCURRENT_RUNS, thread_name_prefix="walk") as pool:
         futures = {
-            w.config: pool.submit(train_two_steps, w, media, features)
-            for w in representatives(walk, *TRAIN_JOBS)
+            w.config: pool.submit(train_two_steps, w, media, None)
+            for w in representatives(walk, "train", "train-vae")
         }
+        features = request.getfixturevalue("features")
+        for w in representatives(walk, "train-features"):
+            futures[w.config] = pool.submit(train_two_steps, w, media, features)
         return {config: outcome(future) for config, future in futures.items()}
 
 
