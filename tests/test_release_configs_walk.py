@@ -415,9 +415,7 @@ def outcome(future: Future) -> Any:
 @pytest.mark.slow
 def test_each_training_config_trains_two_steps(trainings) -> None:
     failed = {
-        str(config): str(result)[:300]
-        for config, result in trainings.items()
-        if isinstance(result, Exception)
+        str(config): str(result) for config, result in trainings.items() if isinstance(result, Exception)
     }
     assert not failed
     for config, result in trainings.items():
