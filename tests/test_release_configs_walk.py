@@ -3,13 +3,13 @@
 Each config is shrunk the way tests/test_models_pipeline.py shrinks its stacks (the file itself as
 `_base_`, tiny widths, the tiny local weights, two fp32 steps) and mapped to its job: train (two steps on
 Ray Train + DeepSpeed), sample (`opensora sample`), reconstruct (`opensora vae reconstruct`), precompute
-(`opensora bucket` + `opensora precompute`), search-bs (one one-step trial) or eval-loss (on a checkpoint
+(`opensora bucket`, then `opensora precompute`'s stage), search-bs (one one-step trial) or eval-loss (on a checkpoint
 the walk trained). Configs whose shrunk settings coincide (same model class, scheduler, VAE, text encoder,
 dataset, mask, features, sequence parallelism, ...) form a group and one of them runs for all; every config
 must fall into a group that ran, so a new config under configs/ is walked the day it is added.
 
 The mapping config -> job -> representative is written to `release_configs_walk.json` in the session's
-base temp directory and printed as the test's summary (pytest -s shows it).
+base temp directory and printed by the mapping test (outside pytest's capture).
 """
 
 from __future__ import annotations
