@@ -39,8 +39,14 @@ def cmd_config_show(ns: argparse.Namespace) -> int:
 
     mode = ns.mode
     overrides = _config_args(ns)
-    cfg = load_config(ns.config, overrides, mode=mode)
-    print(f"# {ns.config} ({cfg.mode} config, validated)")
+    cfg = load_config(ns.config, overrides, mode=mode, needs_scheduler=False)
+    # a diffusion config without a scheduler (Open-Sora's misc/extract.py) is one for bucket and precompute
+    only = (
+        "; no scheduler: for bucket and precompute only"
+        if cfg.scheduler is None and not cfg.is_vae_model
+        else ""
+    )
+    print(f"# {ns.config} ({cfg.mode} config, validated{only})")
     print(cfg.raw.pretty_text)
     return 0
 
@@ -68,7 +74,8 @@ def cmd_bucket(ns: argparse.Namespace) -> int:
         return 0
     from opensora_core.storage import local_mirror
 
-    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    # neither stage diffuses: Open-Sora's misc/extract.py, which names no scheduler, buckets and encodes
+    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train", needs_scheduler=False)
     console.log_to(local_mirror(ns.output).parent, "bucket")
     start = time.perf_counter()
     info = build_buckets(cfg, Path(ns.meta), ns.output, seed=ns.seed, epoch=ns.epoch)  # a path or a URI
@@ -87,7 +94,7 @@ def cmd_precompute(ns: argparse.Namespace) -> int:
     from opensora_core.stages import precompute_stage
     from opensora_core.storage import local_mirror
 
-    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train")
+    cfg = load_config(ns.config, {}, cfg_options=ns.cfg_options, mode="train", needs_scheduler=False)
     console.log_to(local_mirror(cfg.training.outputs), "precompute")
     start = time.perf_counter()
     info = precompute_stage(cfg, ns.snapshot, ns.output, progress=not ns.quiet)

@@ -258,6 +258,8 @@ SEARCH_CONFIGS = {
     Path("configs/legacy/v1.1.0/opensora-v1-1/train/benchmark.py"),
 }
 EVAL_LOSS_CONFIGS = {Path("configs/opensora-v1-2/misc/eval_loss.py")}
+# Open-Sora's feature-extraction config names no scheduler: it loads as `opensora precompute` loads it.
+PRECOMPUTE_CONFIGS = {Path("configs/opensora-v1-2/misc/extract.py")}
 
 
 def load_repository_config(config: Path):
@@ -274,4 +276,4 @@ def load_repository_config(config: Path):
         return cfg
     from opensora_core.config import load_config
 
-    return load_config(REPO / config)
+    return load_config(REPO / config, needs_scheduler=config not in PRECOMPUTE_CONFIGS)

@@ -25,12 +25,14 @@ def load_config(
     *,
     cfg_options: Sequence[str] | Mapping[str, Any] | None = None,
     mode: Mode | None = None,
+    needs_scheduler: bool = True,
 ) -> ValidatedConfig:
-    """Read `path`, apply CLI `args` (argparse names, None = not given) and `cfg_options`, validate."""
+    """Read `path`, apply CLI `args` (argparse names, None = not given) and `cfg_options`, validate
+    (`needs_scheduler`: see `validate_config`)."""
     cfg = read_config(path)
     mode = mode or detect_mode(cfg)
     merged = dict(args or {})
     if cfg_options:
         merged["cfg_options"] = cfg_options
     apply_args(cfg, merged, training=mode == "train")
-    return validate_config(cfg, mode=mode, path=str(path))
+    return validate_config(cfg, mode=mode, path=str(path), needs_scheduler=needs_scheduler)

@@ -127,7 +127,7 @@ class ValidatedConfig:
     model: ComponentSpec
     vae: ComponentSpec | None
     text_encoder: ComponentSpec | None
-    scheduler: ComponentSpec | None  # None for a VAE model (train_vae.py / inference_vae.py)
+    scheduler: ComponentSpec | None  # None for a VAE model (train_vae.py / inference_vae.py), or extract.py
     dataset: ComponentSpec | None = None
     bucket_config: BucketConfig | None = None
     training: TrainingSettings | None = None
@@ -154,8 +154,14 @@ def detect_mode(cfg: Config) -> Mode:
     return "train" if cfg.get("dataset") is not None or cfg.get("bucket_config") is not None else "sample"
 
 
-def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<config>") -> ValidatedConfig:
-    """Check every key a stage will use; raise ConfigError naming the first bad key."""
+def validate_config(
+    cfg: Config, *, mode: Mode | None = None, path: str = "<config>", needs_scheduler: bool = True
+) -> ValidatedConfig:
+    """Check every key a stage will use; raise ConfigError naming the first bad key.
+
+    `needs_scheduler=False` is for the stages that never diffuse (bucket, precompute): Open-Sora's
+    misc/extract.py, the feature-extraction config, has no scheduler section, as its script builds none.
+    """
     check_no_credentials(cfg)
     mode = mode or detect_mode(cfg)
     if _model_type(cfg) in VAE_MODEL_TYPES:
@@ -164,11 +170,12 @@ def validate_config(cfg: Config, *, mode: Mode | None = None, path: str = "<conf
     vae = _component(cfg, "vae", VAE_TYPES, required=False)
     text_encoder = _component(cfg, "text_encoder", TEXT_ENCODER_TYPES, required=False)
     check_class_condition(model.as_dict(), text_encoder.as_dict() if text_encoder else None)
-    scheduler = _component(cfg, "scheduler", SCHEDULER_TYPES, required=True)
+    scheduler = _component(cfg, "scheduler", SCHEDULER_TYPES, required=needs_scheduler)
     dtype = _choice(cfg, "dtype", DTYPES, default="bf16")
 
     if mode == "train":
-        check_scheduler_type(scheduler.type, training=True)
+        if scheduler is not None:
+            check_scheduler_type(scheduler.type, training=True)
         dataset = _component(cfg, "dataset", DATASET_TYPES, required=True)
         bucket_config = _bucket_config(cfg, dataset)
         if cfg.get("mask_ratios") is not None:

@@ -59,8 +59,6 @@ text_encoder = dict(
     shardformer=True,
     local_files_only=True,
 )
-# Not in Open-Sora's file (its extraction script never builds one); our training configs require it.
-scheduler = dict(type="rflow", use_timestep_transform=True, sample_method="logit-normal")
 
 # feature extraction settings
 save_text_features = True
