@@ -196,6 +196,11 @@ def test_both_open_sora_forms_give_their_search_ranges():
             '("360p", 17)',
             'base=(\'360p\', 17): not a searched bucket of bucket_config; valid: ("144p", 1), ("144p", 17)',
         ),
+        (
+            '{"_delete_": True, "144p": {17: (0.0, None)}}',
+            '("144p", 17)',
+            "bucket_config: no bucket has a batch size to search; every entry is (0.0, None)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(searched, tmp_path, capsys, buckets, base, message):

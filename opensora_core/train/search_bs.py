@@ -130,9 +130,11 @@ def _candidates(value: Any, key: str, start: int, end: int) -> tuple[tuple[int, 
 def base_bucket(cfg: Mapping[str, Any], buckets: Sequence[SearchBucket]) -> SearchBucket | None:
     """The bucket `base` names (None with `base_step_time`); one line naming the valid ones otherwise."""
     searched = [b for b in buckets if b.candidates]
-    valid = ", ".join(f'("{b.resolution}", {b.num_frames})' for b in searched)
     if cfg.get("base_step_time") is not None:
         return None
+    if not searched:
+        raise ConfigError("bucket_config: no bucket has a batch size to search; every entry is (0.0, None)")
+    valid = ", ".join(f'("{b.resolution}", {b.num_frames})' for b in searched)
     base = cfg.get("base")
     if base is None:
         raise ConfigError(
