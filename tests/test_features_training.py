@@ -195,6 +195,7 @@ def test_matching_features_pass_with_the_manifests_sizes(data):
         ("channels", r"^vae_out_channels=16: feature snapshot f1 stores latent channels 4"),
         ("caption_dim", r"^model.caption_channels=64: feature snapshot f1 stores caption width 32"),
         ("missing", r"no _manifest.json or CURRENT there; make one with `opensora precompute`"),
+        ("synthetic", r"^synthetic_data: synthetic clips are raw video and captions, but this config trains"),
     ],
 )
 def test_features_of_another_lineage_are_refused_in_one_line_before_ray(data, monkeypatch, change, message):
@@ -222,6 +223,8 @@ def test_features_of_another_lineage_are_refused_in_one_line_before_ray(data, mo
         cfg.vae_out_channels = 16
     elif change == "caption_dim":
         cfg.model.caption_channels = 64
+    elif change == "synthetic":
+        cfg.synthetic_data = dict(num_batches=2, batch_size=1, num_frames=1, height=32, width=32)
     else:
         cfg.feature_snapshot = str(data["root"] / "nothing")
     with pytest.raises(ConfigError, match=message) as err:

@@ -70,6 +70,11 @@ def feature_input(
                 "and/or load_text_features = True"
             )
         return None
+    if cfg.raw.get("synthetic_data"):
+        raise ConfigError(
+            "synthetic_data: synthetic clips are raw video and captions, but this config trains from stored "
+            "features (load_video_features / load_text_features); drop one of the two"
+        )
     stored = open_features(features or settings.snapshot or feature_root(cfg))
     m = stored.manifest
     for wanted, held, what in (
