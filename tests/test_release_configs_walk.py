@@ -443,7 +443,13 @@ def test_each_inference_config_samples(walk) -> None:
 
 @pytest.mark.slow
 def test_each_vae_inference_config_reconstructs(walk, media, tmp_path, monkeypatch) -> None:
+    import mlflow
+
+    from opensora_core.tracking import EXPERIMENT
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # artifacts in the test's directory, not ./mlruns
+    mlflow.MlflowClient().create_experiment(EXPERIMENT, artifact_location=str(tmp_path / "artifacts"))
     for w in representatives(walk, "reconstruct"):
         out = w.tiny.parent / "reconstructed"
         args = [

@@ -34,7 +34,11 @@ def video_config(media, **cfg_options):
 def test_reconstruct_writes_both_versions_and_reports_quality_to_mlflow(media, tmp_path, monkeypatch):
     import mlflow
 
+    from opensora_core.tracking import EXPERIMENT
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # artifacts in the test's directory, not ./mlruns
+    mlflow.MlflowClient().create_experiment(EXPERIMENT, artifact_location=str(tmp_path / "artifacts"))
     result = reconstruct(
         video_config(media), data=str(media.media), output=str(tmp_path / "out"), progress=False
     )
