@@ -336,18 +336,16 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opensora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_sampling_commands(sub)
+    _add_tool_commands(sub)
+    _add_verbose(parser)
+    return parser
 
-    config = sub.add_parser("config", help="inspect configs")
-    config_sub = config.add_subparsers(dest="config_command", required=True)
-    show = config_sub.add_parser("show", help="print the resolved, validated config")
-    add_common_args(show)
-    add_train_args(show)
-    add_sample_args(show)
-    show.add_argument(
-        "--mode", choices=("train", "sample"), help="default: train if the config has a dataset"
-    )
-    show.set_defaults(func=cmd_config_show)
 
+def _add_data_commands(sub: Any) -> None:
+    """scan, bucket, precompute: media to metadata, bucket snapshots and feature snapshots."""
     scan = sub.add_parser("scan", help="probe media headers into a metadata table")
     scan.add_argument("input", help="folder of media (+ .txt captions) or an Open-Sora CSV with path,text")
     scan.add_argument("--output", required=True, help="metadata .parquet to write")
@@ -381,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     precompute.set_defaults(func=cmd_precompute)
 
+
+def _add_training_commands(sub: Any) -> None:
+    """train, evaluate, plan, search-bs, eval-loss: the training run and what is measured around it."""
     train = sub.add_parser("train", help="train on Ray Train + DeepSpeed")
     add_common_args(train)
     add_train_args(train)
@@ -465,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     eval_loss.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     eval_loss.set_defaults(func=cmd_eval_loss)
 
+
+def _add_sampling_commands(sub: Any) -> None:
+    """sample and vae reconstruct."""
     sample = sub.add_parser("sample", help="generate videos or images from prompts")
     add_common_args(sample)
     add_sample_args(sample)
@@ -486,6 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE")
     recon.set_defaults(func=cmd_vae_reconstruct)
 
+
+def _add_tool_commands(sub: Any) -> None:
+    """config show, models, doctor, demo-data."""
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved, validated config")
+    add_common_args(show)
+    add_train_args(show)
+    add_sample_args(show)
+    show.add_argument(
+        "--mode", choices=("train", "sample"), help="default: train if the config has a dataset"
+    )
+    show.set_defaults(func=cmd_config_show)
+
     models = sub.add_parser("models", help="list model types with their parameter counts")
     models.set_defaults(func=cmd_models)
 
@@ -498,8 +516,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
-    _add_verbose(parser)
-    return parser
 
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
