@@ -259,7 +259,29 @@ def read_clips_table(path: str) -> Any:
     return open_snapshot(path).full_table()
 
 
-class FixedClipBatches:
+class GlobalBatchPosition:
+    """The resumable position of a loader whose global batch i goes to rank i mod world_size: the
+    epoch and how many of its batches this rank has consumed (`start`, applied to the next pass)."""
+
+    seed: int
+    world_size: int
+    epoch: int  # both set by the subclass's __init__
+    start: int
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a restored position belongs to the epoch it was saved in
+        self.epoch = epoch
+
+    def state_dict(self, num_batches: int) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed_batches": num_batches * self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.start = int(state["consumed_batches"]) // self.world_size
+
+
+class FixedClipBatches(GlobalBatchPosition):
     """Batches of `batch_size` clips at the dataset's one size (VideoTextDataset), shuffled per epoch.
 
     The epoch's order is a permutation drawn from (seed, epoch); global batch i goes to rank i mod R, so
@@ -326,25 +348,13 @@ class FixedClipBatches:
     def bucket_of(self, batch: dict[str, Any]) -> str:
         return self.bucket_names[0]
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.start = 0  # a restored position belongs to the epoch it was saved in
-        self.epoch = epoch
-
-    def state_dict(self, num_batches: int) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "consumed_batches": num_batches * self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.start = int(state["consumed_batches"]) // self.world_size
-
 
 def _without_held_out(rows: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     """`rows` that are also in `allowed` (all of them when `allowed` is None)."""
     return rows if allowed is None else np.intersect1d(rows, allowed)
 
 
-class SyntheticClips:
+class SyntheticClips(GlobalBatchPosition):
     """Random clips and captions of one shape, split across ranks like the bucket sampler.
 
     Micro-batch i of an epoch is a pure function of (seed, epoch, i); rank r of R takes
@@ -398,15 +408,3 @@ class SyntheticClips:
 
     def bucket_of(self, batch: dict[str, Any]) -> str:
         return batch["bucket"][0]
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.start = 0  # a restored position belongs to the epoch it was saved in
-        self.epoch = epoch
-
-    def state_dict(self, num_batches: int) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "consumed_batches": num_batches * self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.start = int(state["consumed_batches"]) // self.world_size
